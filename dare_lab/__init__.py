@@ -1,0 +1,7 @@
+"""dare_lab: DARE delta sparsification and model merging (arXiv 2311.03099).
+
+Three rings: ``dare_lab.ops`` (pure tensor math), ``dare_lab.engine`` (streams checkpoints
+one tensor at a time through the ops) and the Hydra shell (``dare_lab.cli``, ``configs/``).
+"""
+
+__version__ = "0.1.0"

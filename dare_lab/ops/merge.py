@@ -1,0 +1,99 @@
+"""Mergers of (sparsified) deltas: average, task arithmetic and TIES.
+
+Each takes the pre-trained tensor and a list of deltas δ̂_k of one tensor name and returns
+the merged tensor. They are per-tensor by construction (TIES' trim is per tensor, never over
+the whole flattened model as MergeLM does, which cannot run on LLMs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dare_lab.ops.sparsify import keep_count, top_magnitude_mask
+
+TIES_MERGE_FUNCS = ("mean", "sum", "max")
+
+
+def _weights(n: int, weights: Sequence[float] | None) -> list[float]:
+    if weights is None:
+        return [1.0] * n
+    if len(weights) != n:
+        raise ValueError(f"got {len(weights)} model weights for {n} models")
+    return [float(w) for w in weights]
+
+
+def average(base: torch.Tensor, deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """θ = θ_PRE + (1/K) Σ_k δ̂_k."""
+    acc = torch.zeros_like(base)
+    for d in deltas:
+        acc.add_(d)
+    return base + acc.div_(len(deltas))
+
+
+def task_arithmetic(base: torch.Tensor, deltas: Sequence[torch.Tensor], scaling: float = 1.0,
+                    weights: Sequence[float] | None = None) -> torch.Tensor:
+    """θ = θ_PRE + λ Σ_k w_k δ̂_k (w_k = 1 by default)."""
+    acc = torch.zeros_like(base)
+    for w, d in zip(_weights(len(deltas), weights), deltas):
+        acc.add_(d, alpha=w)
+    return base + acc.mul_(scaling)
+
+
+def ties_trim(delta: torch.Tensor, retain_ratio: float) -> torch.Tensor:
+    """Keep the top ⌈k·n⌉ entries of |δ| in this tensor (k = retain_ratio), zero the rest."""
+    if not 0.0 < retain_ratio <= 1.0:
+        raise ValueError(f"TIES retain_ratio={retain_ratio} is outside (0, 1]")
+    keep = top_magnitude_mask(delta, keep_count(delta.numel(), 1.0 - retain_ratio))
+    return torch.where(keep, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
+
+
+def ties_elect(trimmed: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Elected sign per entry: sign(Σ_k δ_k); entries whose sum is 0 take the tensor's majority sign."""
+    total = torch.zeros_like(trimmed[0])
+    for t in trimmed:
+        total.add_(t)
+    sign = torch.sign(total)
+    majority = torch.sign(sign.sum())
+    return torch.where(sign == 0, majority, sign)
+
+
+def ties_disjoint_merge(trimmed: Sequence[torch.Tensor], sign: torch.Tensor, merge_func: str = "mean",
+                        weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Combine the entries whose sign agrees with the elected one.
+
+    mean: Σ_k w_k δ_k [agree] / Σ_k [agree]; sum: Σ_k w_k δ_k [agree];
+    max: the agreeing w_k δ_k of largest magnitude. Entries with no agreeing model are 0.
+    """
+    if merge_func not in TIES_MERGE_FUNCS:
+        raise ValueError(f"unknown TIES merge_func {merge_func!r}; choose one of {TIES_MERGE_FUNCS}")
+    ws = _weights(len(trimmed), weights)
+    acc = torch.zeros_like(sign)
+    count = torch.zeros_like(sign)
+    for w, t in zip(ws, trimmed):
+        agree = (torch.sign(t) == sign) & (t != 0)
+        contrib = torch.where(agree, t * w, torch.zeros((), dtype=t.dtype))
+        if merge_func == "max":
+            acc = torch.where(contrib.abs() > acc.abs(), contrib, acc)
+        else:
+            acc.add_(contrib)
+            count.add_(agree.to(count.dtype))
+    if merge_func == "mean":
+        acc.div_(count.clamp_(min=1))
+    return acc
+
+
+def ties(base: torch.Tensor, deltas: Sequence[torch.Tensor], retain_ratio: float = 0.2, scaling: float = 1.0,
+         merge_func: str = "mean", weights: Sequence[float] | None = None, weighted_election: bool = False) -> torch.Tensor:
+    """TIES-merging (Yadav et al. 2023), per tensor: trim → elect sign → disjoint merge.
+
+    θ = θ_PRE + λ · disjoint_merge(trim_k(δ_k)). Per-model weights scale the merged entries
+    but do not change the sign election unless ``weighted_election`` is set.
+    """
+    trimmed = [ties_trim(d, retain_ratio) for d in deltas]
+    ws = _weights(len(deltas), weights)
+    electors = [t * w for w, t in zip(ws, trimmed)] if weighted_election else trimmed
+    sign = ties_elect(electors)
+    merged = ties_disjoint_merge(trimmed, sign, merge_func, ws)
+    return base + merged.mul_(scaling)

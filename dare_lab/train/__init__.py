@@ -1,0 +1,1 @@
+"""dare_lab.train."""

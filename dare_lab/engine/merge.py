@@ -1,0 +1,224 @@
+"""The streamed merge: one tensor at a time through ``MergeMethod.merge_tensor``.
+
+Peak memory is about (K+1) × the largest tensor in the compute dtype per worker thread: no
+output shard is buffered (see ``writer``), input files are opened per tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from dare_lab.engine.plan import TensorPlan, plan_merge
+from dare_lab.engine.scope import Scope
+from dare_lab.engine.sources import CheckpointReader, StateDictSource, TensorSource
+from dare_lab.engine.writer import AtomicDir, ShardedSafetensorsWriter
+from dare_lab.ops.method import MergeMethod
+
+_COPY_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")
+_SKIP_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "dare_lab_merge.json")
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+class NonFiniteError(ValueError):
+    """NaN or Inf found in an input tensor or a delta."""
+
+
+def as_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """'bf16' / 'bfloat16' / torch.bfloat16 / None → torch dtype (None stays None)."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    key = str(value).lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {value!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[key]
+
+
+def _merge_one(plan: TensorPlan, base: TensorSource, models: Mapping[str, TensorSource], method: MergeMethod,
+               dtype: torch.dtype, out_dtype: torch.dtype | None) -> torch.Tensor:
+    target = out_dtype if (out_dtype is not None and plan.base_dtype.is_floating_point) else plan.base_dtype
+    if not plan.merge:
+        t = base.get(plan.name)
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise NonFiniteError(f"NaN/Inf in tensor {plan.name!r} of the base model {base.label!r}")
+        return t.to(target)
+    theta0 = base.get(plan.name, dtype)
+    if not torch.isfinite(theta0).all():
+        raise NonFiniteError(f"NaN/Inf in tensor {plan.name!r} of the base model {base.label!r}")
+    thetas: dict[str, torch.Tensor] = {}
+    for m, src_name in plan.sources.items():
+        t = models[m].get(src_name, dtype)
+        if plan.rows is not None:
+            t = t[: plan.rows]
+        if not torch.isfinite(t).all():
+            raise NonFiniteError(f"NaN/Inf in the delta of tensor {plan.name!r} of model {m!r}")
+        thetas[m] = t
+    merged = method.merge_tensor(plan.name, theta0, thetas)
+    if not torch.isfinite(merged).all():
+        raise NonFiniteError(f"NaN/Inf in the merged tensor {plan.name!r}")
+    return merged.to(target)
+
+
+def _ordered(plans: list[TensorPlan], work: Callable[[TensorPlan], torch.Tensor], threads: int) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
+    """Run ``work`` over plans with at most ``threads`` in flight, yielding in plan order."""
+    if threads <= 1:
+        for p in plans:
+            yield p, work(p)
+        return
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        inflight: list[tuple[TensorPlan, Future]] = []
+        for p in plans:
+            inflight.append((p, pool.submit(work, p)))
+            if len(inflight) >= threads:
+                q, fut = inflight.pop(0)
+                yield q, fut.result()
+        for q, fut in inflight:
+            yield q, fut.result()
+
+
+def _open(ref: str | os.PathLike | TensorSource, label: str) -> TensorSource:
+    if hasattr(ref, "get") and hasattr(ref, "names"):
+        return ref  # already a source
+    return CheckpointReader(ref, label=label)
+
+
+def merge_models(
+    base: str | os.PathLike | TensorSource,
+    models: Mapping[str, str | os.PathLike | TensorSource],
+    method: MergeMethod,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    scope: Scope | None = None,
+    dtype: str | torch.dtype = torch.float32,
+    out_dtype: str | torch.dtype | None = None,
+    threads: int = 2,
+    max_shard_size: int | str = "5GB",
+    vocab_policy: str = "error",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path | dict[str, torch.Tensor]:
+    """Merge ``models`` (name → HF dir / hub id / source) into ``base`` with ``method``.
+
+    With ``out_dir`` writes a sharded safetensors HF directory (config and tokenizer copied
+    from the base, a model card and ``dare_lab_merge.json`` metadata) atomically and returns
+    its path; with ``out_dir=None`` returns the merged state dict in memory.
+    ``dtype`` is the compute dtype (float32 or float64); ``out_dtype`` the saved dtype
+    (default: each tensor keeps the base model's storage dtype).
+    """
+    dtype, out_dtype = as_dtype(dtype), as_dtype(out_dtype)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"compute dtype must be float32 or float64, got {dtype}")
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    scope = scope or Scope()
+    base_src = _open(base, "base")
+    srcs = {str(m): _open(ref, str(m)) for m, ref in models.items()}
+    plans = plan_merge(base_src, srcs, scope, vocab_policy)
+    started = time.perf_counter()
+    work = lambda p: _merge_one(p, base_src, srcs, method, dtype, out_dtype)  # noqa: E731
+    iterator = _ordered(plans, work, threads)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, total=len(plans), desc="merge", unit="tensor")
+    if out_dir is None:
+        return {p.name: t for p, t in iterator}
+    entries = []
+    for p in plans:
+        target = out_dtype if (out_dtype is not None and p.base_dtype.is_floating_point) else p.base_dtype
+        entries.append((p.name, p.shape, target))
+    atomic = AtomicDir(out_dir, overwrite=overwrite)
+    with atomic as tmp:
+        writer = ShardedSafetensorsWriter(tmp, entries, max_shard_size)
+        for p, t in iterator:
+            writer.write(p.name, t)
+        writer.finish()
+        base_dir = getattr(base_src, "path", None)
+        if base_dir is not None:
+            _copy_model_files(Path(base_dir), tmp, out_dtype)
+        meta = _metadata(method, base_src, srcs, scope, dtype, out_dtype, plans, time.perf_counter() - started)
+        (tmp / "dare_lab_merge.json").write_text(json.dumps(meta, indent=2, default=str))
+        (tmp / "README.md").write_text(model_card(meta))
+        return atomic.commit()
+
+
+def merge_state_dicts(
+    base: Mapping[str, torch.Tensor],
+    models: Mapping[str, Mapping[str, torch.Tensor]],
+    method: MergeMethod,
+    *,
+    scope: Scope | None = None,
+    dtype: str | torch.dtype = torch.float32,
+    out_dtype: str | torch.dtype | None = None,
+    vocab_policy: str = "error",
+) -> dict[str, torch.Tensor]:
+    """In-memory merge of state dicts: the same plan and formula as :func:`merge_models`."""
+    return merge_models(StateDictSource(base, "base"), {m: StateDictSource(sd, m) for m, sd in models.items()},
+                        method, None, scope=scope, dtype=dtype, out_dtype=out_dtype, threads=1,
+                        vocab_policy=vocab_policy)
+
+
+def _copy_model_files(base_dir: Path, out: Path, out_dtype: torch.dtype | None) -> None:
+    """Copy config, generation config and tokenizer files; record the saved dtype in config."""
+    for f in sorted(base_dir.iterdir()):
+        if f.is_file() and f.suffix in _COPY_SUFFIXES and f.name not in _SKIP_FILES:
+            shutil.copyfile(f, out / f.name)
+    cfg_file = out / "config.json"
+    if out_dtype is not None and cfg_file.exists():
+        cfg = json.loads(cfg_file.read_text())
+        name = str(out_dtype).removeprefix("torch.")
+        for key in ("dtype", "torch_dtype"):
+            if key in cfg:
+                cfg[key] = name
+        cfg_file.write_text(json.dumps(cfg, indent=2))
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    import dare_lab
+
+    return {"dare_lab": dare_lab.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _metadata(method: MergeMethod, base: TensorSource, models: Mapping[str, TensorSource], scope: Scope,
+              dtype: torch.dtype, out_dtype: torch.dtype | None, plans: list[TensorPlan], seconds: float) -> dict:
+    fp = lambda s: s.fingerprint() if hasattr(s, "fingerprint") else "in-memory"  # noqa: E731
+    return {
+        "method": method.describe(),
+        "base": {"ref": getattr(base, "ref", base.label), "index_sha256": fp(base)},
+        "models": {m: {"ref": getattr(s, "ref", s.label), "index_sha256": fp(s)} for m, s in models.items()},
+        "scope": {"include": list(scope.include), "exclude": list(scope.exclude), "linear_only": scope.linear_only},
+        "compute_dtype": str(dtype), "out_dtype": str(out_dtype) if out_dtype else "same as base",
+        "tensors": {"merged": sum(p.merge for p in plans), "copied_from_base": sum(not p.merge for p in plans)},
+        "seconds": round(seconds, 3),
+        "versions": _versions(),
+    }
+
+
+def model_card(meta: dict) -> str:
+    """A short README naming the method, its parameters, the inputs and the seed."""
+    m = meta["method"]
+    lines = [
+        "---", "tags: [merge, dare, dare_lab]", "---", "",
+        f"# Merged model: {m['name']}", "",
+        "Made with [dare_lab](https://arxiv.org/abs/2311.03099) (DARE: drop and rescale deltas, then merge).", "",
+        f"- base (θ_PRE): `{meta['base']['ref']}`",
+        *[f"- fine-tuned `{k}`: `{v['ref']}`" for k, v in meta["models"].items()],
+        f"- sparsifier: {m['sparsifier']}",
+        f"- merger: {m['merger']}",
+        f"- seed: {m['seed']}",
+        f"- compute dtype: {meta['compute_dtype']}; saved dtype: {meta['out_dtype']}",
+        f"- tensors merged: {meta['tensors']['merged']}; copied from base: {meta['tensors']['copied_from_base']}",
+        f"- versions: {meta['versions']}", "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,212 @@
+"""Lazy tensor sources: HF checkpoint directories (or hub ids) and in-memory state dicts.
+
+A source lists names, shapes and dtypes from file headers without reading data, and reads
+one tensor on demand. Safetensors files are opened per tensor: keeping handles open makes
+every mapped input page count toward peak RSS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+
+SAFE_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class TensorSource(Protocol):
+    label: str
+
+    def names(self) -> list[str]: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def dtype(self, name: str) -> torch.dtype: ...
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor: ...
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or \
+        os.environ.get("TRANSFORMERS_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def resolve_model_dir(ref: str | os.PathLike) -> Path:
+    """A local directory as is; a hub id via the HF cache (downloaded when online).
+
+    Raises FileNotFoundError with a one-line message naming the reference otherwise.
+    """
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path
+    text = str(ref)
+    if path.exists():
+        raise FileNotFoundError(f"model {text!r} is a file, expected a model directory")
+    if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model path does not exist: {text}")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
+    try:
+        local = snapshot_download(text, allow_patterns=patterns, local_files_only=_hub_offline())
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many types
+        why = "offline (HF_HUB_OFFLINE=1) and not in the local cache" if _hub_offline() else type(exc).__name__
+        raise FileNotFoundError(f"model {text!r} is not a local directory and cannot be fetched from the hub: {why}") from None
+    if not any(Path(local).glob("*.safetensors")):
+        patterns = ["*.json", "*.bin", "*.model", "*.txt", "tokenizer*"]
+        local = snapshot_download(text, allow_patterns=patterns, local_files_only=_hub_offline())
+    return Path(local)
+
+
+def _read_safetensors_header(file: Path) -> dict:
+    """Parse and sanity-check a safetensors header (declared sizes must fit in the file)."""
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"{file}: truncated safetensors file ({size} bytes)")
+        n = int.from_bytes(raw, "little")
+        if n <= 0 or 8 + n > size:
+            raise ValueError(f"{file}: corrupt safetensors header (declares {n} header bytes, file has {size})")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{file}: corrupt safetensors header (not JSON)") from None
+    header.pop("__metadata__", None)
+    end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    if 8 + n + end > size:
+        raise ValueError(f"{file}: truncated safetensors file (tensors need {8 + n + end} bytes, file has {size})")
+    return header
+
+
+class CheckpointReader:
+    """Lazy reader of an HF model directory: sharded/single safetensors, or ``.bin`` files.
+
+    ``.bin`` files load only with ``torch.load(weights_only=True, mmap=True)``.
+    """
+
+    def __init__(self, ref: str | os.PathLike, label: str | None = None):
+        self.ref = str(ref)
+        self.label = label or self.ref
+        self.path = resolve_model_dir(ref)
+        self._file_of: dict[str, Path] = {}
+        self._info: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._bin_cache: dict[Path, Mapping[str, torch.Tensor]] = {}
+        self._lock = threading.Lock()
+        self._index_bytes = b""
+        self._scan()
+
+    def _scan(self) -> None:
+        p = self.path
+        if (p / SAFE_INDEX).exists() or (p / SAFE_SINGLE).exists():
+            files = self._files_from(p / SAFE_INDEX, p / SAFE_SINGLE)
+            for f in files:
+                for name, info in _read_safetensors_header(f).items():
+                    if info["dtype"] not in SAFE_DTYPES:
+                        raise ValueError(f"{f}: tensor {name!r} has unsupported dtype {info['dtype']}")
+                    self._file_of[name] = f
+                    self._info[name] = (tuple(info["shape"]), SAFE_DTYPES[info["dtype"]])
+        elif (p / BIN_INDEX).exists() or (p / BIN_SINGLE).exists():
+            for f in self._files_from(p / BIN_INDEX, p / BIN_SINGLE):
+                for name, t in self._load_bin(f).items():
+                    self._file_of[name] = f
+                    self._info[name] = (tuple(t.shape), t.dtype)
+        else:
+            raise FileNotFoundError(f"model {self.label!r}: no model.safetensors, safetensors index or pytorch_model.bin in {p}")
+        if not self._info:
+            raise ValueError(f"model {self.label!r}: checkpoint in {p} holds no tensors")
+
+    def _files_from(self, index: Path, single: Path) -> list[Path]:
+        if index.exists():
+            self._index_bytes = index.read_bytes()
+            try:
+                weight_map = json.loads(self._index_bytes)["weight_map"]
+            except (json.JSONDecodeError, KeyError):
+                raise ValueError(f"model {self.label!r}: corrupt index {index}") from None
+            files = sorted({index.parent / f for f in weight_map.values()})
+            for f in files:
+                if not f.exists():
+                    raise FileNotFoundError(f"model {self.label!r}: shard {f.name} named in {index.name} is missing")
+            return files
+        self._index_bytes = single.read_bytes()[:65536] if single.suffix == ".bin" else _header_bytes(single)
+        return [single]
+
+    def _load_bin(self, f: Path) -> Mapping[str, torch.Tensor]:
+        with self._lock:
+            if f not in self._bin_cache:
+                try:
+                    sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                except Exception as exc:  # noqa: BLE001
+                    raise ValueError(f"model {self.label!r}: cannot load {f.name} with weights_only=True ({type(exc).__name__})") from None
+                self._bin_cache[f] = sd
+            return self._bin_cache[f]
+
+    def names(self) -> list[str]:
+        return list(self._info)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._info[name][0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._info[name][1]
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        f = self._file_of[name]
+        if f.suffix == ".bin":
+            t = self._load_bin(f)[name]
+            return t.to(dtype) if dtype is not None else t.clone()
+        from safetensors import safe_open
+
+        with safe_open(f, framework="pt") as fh:
+            t = fh.get_tensor(name)
+        return t.to(dtype) if dtype is not None and t.dtype != dtype else t
+
+    def fingerprint(self) -> str:
+        """sha256 of the checkpoint's index (or single-file header): identifies the input."""
+        return hashlib.sha256(self._index_bytes).hexdigest()
+
+
+def _header_bytes(file: Path) -> bytes:
+    with open(file, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        return fh.read(min(n, 1 << 26))
+
+
+class StateDictSource:
+    """An in-memory state dict seen through the same interface as a checkpoint."""
+
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], label: str = "state_dict"):
+        self.sd = state_dict
+        self.label = label
+
+    def names(self) -> list[str]:
+        return list(self.sd)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.sd[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.sd[name].dtype
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        t = self.sd[name].detach()
+        return t.to(dtype) if dtype is not None and t.dtype != dtype else t
+
+    def fingerprint(self) -> str:
+        return "in-memory"

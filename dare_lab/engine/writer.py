@@ -1,0 +1,157 @@
+"""Sharded safetensors output written in place, tensor by tensor, then renamed atomically.
+
+Every output shape and dtype is known before the first tensor is merged, so each shard's
+header (with all data offsets) is written first and tensors are then written straight to
+their offsets (``os.pwrite``): no shard is buffered in memory, workers may finish in any
+order, and the output directory appears only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from dare_lab.engine.sources import SAFE_DTYPES
+
+_DTYPE_CODE = {v: k for k, v in SAFE_DTYPES.items()}
+
+
+def parse_size(size: int | str) -> int:
+    """'2GB' / '500MB' / 123 → bytes (decimal units, like transformers)."""
+    if isinstance(size, int):
+        return size
+    text = str(size).strip().upper()
+    for unit, mult in (("GIB", 1 << 30), ("MIB", 1 << 20), ("KIB", 1 << 10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * mult)
+    return int(text)
+
+
+def tensor_nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+class ShardedSafetensorsWriter:
+    """Plan shards from (name, shape, dtype), pre-write headers, accept tensors in any order."""
+
+    def __init__(self, tmp_dir: Path, entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size: int | str = "5GB"):
+        self.dir = Path(tmp_dir)
+        limit = parse_size(max_shard_size)
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        used = 0
+        for entry in entries:
+            nb = tensor_nbytes(entry[1], entry[2])
+            if shards[-1] and used + nb > limit:
+                shards.append([])
+                used = 0
+            shards[-1].append(entry)
+            used += nb
+        total = len(shards)
+        self.files: list[Path] = []
+        self._where: dict[str, tuple[Path, int, int, torch.dtype, tuple[int, ...]]] = {}
+        self._pending: set[str] = set()
+        self._lock = threading.Lock()
+        for i, shard in enumerate(shards, 1):
+            fname = "model.safetensors" if total == 1 else f"model-{i:05d}-of-{total:05d}.safetensors"
+            self._write_header(self.dir / fname, shard)
+        self.total_size = sum(tensor_nbytes(s, d) for _, s, d in entries)
+
+    def _write_header(self, file: Path, shard: Sequence[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        spans = []
+        for name, shape, dtype in shard:
+            nb = tensor_nbytes(shape, dtype)
+            header[name] = {"dtype": _DTYPE_CODE[dtype], "shape": list(shape), "data_offsets": [offset, offset + nb]}
+            spans.append((name, offset, nb, dtype, tuple(shape)))
+            offset += nb
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(file, "wb") as fh:
+            fh.write(len(raw).to_bytes(8, "little"))
+            fh.write(raw)
+            fh.truncate(8 + len(raw) + offset)
+        base = 8 + len(raw)
+        for name, off, nb, dtype, shape in spans:
+            self._where[name] = (file, base + off, nb, dtype, shape)
+            self._pending.add(name)
+        self.files.append(file)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        file, offset, nbytes, dtype, shape = self._where[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"tensor {name!r}: planned {dtype} {shape}, got {tensor.dtype} {tuple(tensor.shape)}")
+        data = tensor.detach().contiguous().view(-1).view(torch.uint8).numpy()
+        fd = os.open(file, os.O_WRONLY)
+        try:
+            view = memoryview(data)
+            written = 0
+            while written < nbytes:
+                written += os.pwrite(fd, view[written:], offset + written)
+        finally:
+            os.close(fd)
+        with self._lock:
+            self._pending.discard(name)
+
+    def finish(self) -> dict[str, str]:
+        """Check completeness and sizes, write the index (if sharded); returns the weight map."""
+        if self._pending:
+            raise RuntimeError(f"output incomplete: {len(self._pending)} tensors never written, e.g. {sorted(self._pending)[0]!r}")
+        weight_map = {name: where[0].name for name, where in self._where.items()}
+        for file in self.files:
+            expected = max(off + nb for f, off, nb, _, _ in self._where.values() if f == file)
+            if file.stat().st_size != expected:
+                raise RuntimeError(f"shard {file.name} has {file.stat().st_size} bytes, expected {expected}")
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return weight_map
+
+
+class AtomicDir:
+    """A temporary sibling directory renamed onto ``target`` only by :meth:`commit`.
+
+    Used as a context manager: any exception removes the temporary directory, so a failed
+    run leaves either the previous complete output or nothing.
+    """
+
+    def __init__(self, target: str | os.PathLike, overwrite: bool = False):
+        self.target = Path(target).expanduser().resolve()
+        if self.target.exists() and not overwrite:
+            raise FileExistsError(f"output directory already exists: {self.target} (pass overwrite=True to replace it)")
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.target.parent / f".{self.target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.committed = False
+
+    def __enter__(self) -> Path:
+        self.tmp.mkdir()
+        return self.tmp
+
+    def commit(self) -> Path:
+        for f in self.tmp.iterdir():
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if self.target.exists():
+            trash = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.target, trash)
+            os.replace(self.tmp, self.target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.target)
+        self.committed = True
+        return self.target
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.committed:
+            shutil.rmtree(self.tmp, ignore_errors=True)

@@ -5,3 +5,12 @@ one tensor at a time through the ops) and the Hydra shell (``dare_lab.cli``, ``c
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Lazy: ``import dare_lab`` stays cheap; ``dare_lab.merge`` pulls in torch on first use.
+    if name == "merge":
+        from dare_lab.api import merge
+
+        return merge
+    raise AttributeError(f"module 'dare_lab' has no attribute {name!r}")

@@ -1,0 +1,67 @@
+"""Named merge methods (presets) and the builder the Hydra method configs call.
+
+Each knob, with its formula (δ_k = θ_k − θ_PRE, computed in float32):
+
+- ``sparsifier``: none | dare (keep w.p. 1−p, ×1/(1−p)) | drop_only (same mask, no rescale)
+  | magnitude (keep the ⌈(1−p)n⌉ largest |δ| per tensor; ×1/(1−p) only if ``rescale``).
+- ``drop_rate``: p, the fraction of delta entries dropped (not a density: density = 1−p).
+- ``target``: delta (default) or finetuned (paper §4.7: sparsify θ_k itself).
+- ``merger``: average (θ_PRE + mean_k δ̂_k) | task_arithmetic (θ_PRE + λ Σ_k w_k δ̂_k)
+  | ties (θ_PRE + λ · disjoint mean of the sign-agreeing, top-``retain_ratio`` entries).
+- ``scaling``: λ. ``retain_ratio``: TIES' k, the kept fraction of each tensor's |δ|.
+- ``weights``: optional per-model w_k (task arithmetic and TIES; never changes TIES' sign
+  election unless ``weighted_election``). ``seed``: seeds every per-tensor mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from dare_lab.ops.method import MergeMethod, Merger, Sparsifier
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "average": {"sparsifier": "none", "merger": "average"},
+    "task_arithmetic": {"sparsifier": "none", "merger": "task_arithmetic"},
+    "ties": {"sparsifier": "none", "merger": "ties"},
+    "dare_average": {"sparsifier": "dare", "merger": "average"},
+    "dare_task_arithmetic": {"sparsifier": "dare", "merger": "task_arithmetic"},
+    "dare_ties": {"sparsifier": "dare", "merger": "ties"},
+    "drop_only_task_arithmetic": {"sparsifier": "drop_only", "merger": "task_arithmetic"},
+    "magnitude_task_arithmetic": {"sparsifier": "magnitude", "merger": "task_arithmetic"},
+}
+
+
+def build_method(
+    name: str = "dare_task_arithmetic",
+    sparsifier: str | None = None,
+    drop_rate: float = 0.9,
+    rescale: bool = False,
+    target: str = "delta",
+    sampler: str = "torch_rand",
+    merger: str | None = None,
+    scaling: float = 1.0,
+    retain_ratio: float = 0.2,
+    merge_func: str = "mean",
+    weights: Sequence[float] | None = None,
+    weighted_election: bool = False,
+    seed: int = 0,
+) -> MergeMethod:
+    """Build a :class:`MergeMethod` from a preset name plus plain overrides.
+
+    ``sparsifier``/``merger`` default to the preset's; unknown preset names are accepted when
+    both are given explicitly (custom combinations).
+    """
+    preset = PRESETS.get(name)
+    if preset is None and (sparsifier is None or merger is None):
+        raise ValueError(f"unknown merge method {name!r}; choose one of {sorted(PRESETS)} or set sparsifier and merger")
+    sparsifier = sparsifier or preset["sparsifier"]
+    merger = merger or preset["merger"]
+    if sparsifier == "none" and float(drop_rate) != 0.0:
+        raise ValueError(f"drop_rate={drop_rate} has no effect with sparsifier=none (method {name!r}); use a dare_* method")
+    sp = Sparsifier(kind=sparsifier, drop_rate=float(drop_rate),
+                    rescale=bool(rescale), target=target, sampler=sampler)
+    mg = Merger(kind=merger, scaling=float(scaling), retain_ratio=float(retain_ratio), merge_func=merge_func,
+                weights=tuple(float(w) for w in weights) if weights is not None else None,
+                weighted_election=bool(weighted_election))
+    return MergeMethod(name=name, sparsifier=sp, merger=mg, seed=int(seed))

@@ -1,1 +1,67 @@
-"""dare_lab.tracking."""
+"""Experiment tracking: one :class:`Tracker` interface, W&B / local / null implementations.
+
+The CLI builds the tracker from ``cfg.tracker`` (``tracker=wandb|local|none``) with
+:func:`from_config`, which also makes it the *active* tracker; programs log their tables and
+plots to :func:`current` (or, run stand-alone, start their own with :func:`from_config`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from dare_lab.tracking.base import NullTracker, Tracker
+from dare_lab.tracking.local import LocalTracker, atomic_write, read_csv, rows_to_csv, rows_to_markdown, write_summary
+from dare_lab.tracking.wandb_tracker import WandbTracker, resolve_mode
+
+_ACTIVE: list[Tracker] = []
+
+
+def activate(tracker: Tracker) -> Tracker:
+    """Make ``tracker`` the one :func:`current` returns (until it finishes)."""
+    _ACTIVE.append(tracker)
+    return tracker
+
+
+def current() -> Tracker | None:
+    """The active, unfinished tracker, if any."""
+    while _ACTIVE and _ACTIVE[-1].finished:
+        _ACTIVE.pop()
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+def experiment_name(cfg: Any, default: str = "default") -> str:
+    """``cfg.experiment_name`` (set by every ``configs/experiment/*.yaml``) or ``default``."""
+    try:
+        name = cfg.get("experiment_name") if hasattr(cfg, "get") else None
+    except Exception:  # noqa: BLE001
+        name = None
+    return str(name or default)
+
+
+def from_config(cfg: Any, experiment: str | None = None, run_name: str | None = None, start: bool = True) -> Tracker:
+    """Build the tracker of ``cfg.tracker`` (a ``_target_`` node; LocalTracker when absent),
+    start it under ``experiment`` (default ``cfg.experiment_name``) with the resolved config,
+    and make it active."""
+    node = cfg.get("tracker") if hasattr(cfg, "get") else None
+    if node is None:
+        tracker: Tracker = LocalTracker()
+    else:
+        from hydra.utils import instantiate
+
+        tracker = instantiate(node, _convert_="all")
+    if start:
+        try:
+            from omegaconf import OmegaConf
+
+            config = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+        except Exception:  # noqa: BLE001
+            config = {}
+        tracker.start(experiment or tracker.experiment or experiment_name(cfg), run_name, config if isinstance(config, Mapping) else {})
+    return activate(tracker)
+
+
+__all__ = [
+    "Tracker", "NullTracker", "LocalTracker", "WandbTracker", "resolve_mode", "activate", "current",
+    "from_config", "experiment_name", "write_summary", "atomic_write", "read_csv", "rows_to_csv", "rows_to_markdown",
+]

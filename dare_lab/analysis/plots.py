@@ -1,0 +1,119 @@
+"""Matplotlib (Agg, no display, no pyplot global state) plots for the analysis programs.
+
+Every function writes one PNG atomically and returns its path.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def _figure(w: float = 6.4, h: float = 4.2):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: str | Path) -> Path:
+    from dare_lab.tracking.local import atomic_write
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    return atomic_write(path, buf.getvalue())
+
+
+METHOD_STYLE = {"dare": ("DARE", "tab:red", "o"), "drop_only": ("DropOnly", "tab:blue", "s"),
+                "magnitude": ("MP", "tab:green", "^")}
+
+
+def method_label(kind: str) -> str:
+    return METHOD_STYLE.get(kind, (kind, None, None))[0]
+
+
+def line_plot(path: str | Path, x: Sequence[float], ys: Mapping[str, Sequence[float]], xname: str = "x",
+              yname: str = "y", title: str | None = None) -> Path:
+    fig = _figure()
+    ax = fig.add_subplot(111)
+    for k, vs in ys.items():
+        ax.plot(list(x), list(vs), marker="o", ms=3, label=str(k))
+    ax.set_xlabel(xname)
+    ax.set_ylabel(yname)
+    if title:
+        ax.set_title(title)
+    if len(ys) > 1:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def redundancy_plot(path: str | Path, drop_rates: Sequence[float], curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                    sft: float | None, title: str, ylabel: str) -> Path:
+    """Score vs drop rate, one curve (mean ± std band) per method; SFT score as a dashed line.
+
+    The x axis is categorical (0.0 … 0.9, 0.99 evenly spaced) like the paper's figures.
+    """
+    fig = _figure()
+    ax = fig.add_subplot(111)
+    xs = np.arange(len(drop_rates))
+    for kind, (mean, std) in curves.items():
+        label, color, marker = METHOD_STYLE.get(kind, (kind, None, "o"))
+        m, s = np.asarray(mean, float), np.asarray(std, float)
+        ax.plot(xs, m, marker=marker, ms=4, color=color, label=label)
+        if np.any(s > 0):
+            ax.fill_between(xs, m - s, m + s, color=color, alpha=0.2)
+    if sft is not None:
+        ax.axhline(sft, color="k", ls="--", lw=1, label=f"SFT (p=0): {sft:.4g}")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([f"{p:g}" for p in drop_rates])
+    ax.set_xlabel("drop rate p")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def layer_similarity_plot(path: str | Path, layers: Sequence[int], curves: Mapping[str, Sequence[float]], title: str) -> Path:
+    """Mean cosine similarity per layer, one line per (method, p)."""
+    fig = _figure()
+    ax = fig.add_subplot(111)
+    for label, vs in curves.items():
+        ax.plot(list(layers), list(vs), marker="o", ms=3, label=label)
+    ax.set_xlabel("layer (0 = embeddings)")
+    ax.set_ylabel("mean cosine similarity to SFT")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def histogram_plot(path: str | Path, edges: Sequence[float], counts: Mapping[str, Sequence[float]], title: str,
+                   xlabel: str, logx: bool = False, logy: bool = False) -> Path:
+    """Overlaid step histograms from precomputed (streamed) bin counts, normalised to density."""
+    fig = _figure()
+    ax = fig.add_subplot(111)
+    e = np.asarray(edges, float)
+    for label, c in counts.items():
+        c = np.asarray(c, float)
+        total = c.sum()
+        dens = c / (total * np.diff(e)) if total > 0 else c
+        ax.stairs(dens, e, label=str(label))
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.set_title(title, fontsize=10)
+    if len(counts) > 1:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

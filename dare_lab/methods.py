@@ -35,7 +35,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 def build_method(
     name: str = "dare_task_arithmetic",
     sparsifier: str | None = None,
-    drop_rate: float = 0.9,
+    drop_rate: float | None = None,
     rescale: bool = False,
     target: str = "delta",
     sampler: str = "torch_rand",
@@ -57,6 +57,8 @@ def build_method(
         raise ValueError(f"unknown merge method {name!r}; choose one of {sorted(PRESETS)} or set sparsifier and merger")
     sparsifier = sparsifier or preset["sparsifier"]
     merger = merger or preset["merger"]
+    if drop_rate is None:
+        drop_rate = 0.0 if sparsifier == "none" else 0.9
     if sparsifier == "none" and float(drop_rate) != 0.0:
         raise ValueError(f"drop_rate={drop_rate} has no effect with sparsifier=none (method {name!r}); use a dare_* method")
     sp = Sparsifier(kind=sparsifier, drop_rate=float(drop_rate),

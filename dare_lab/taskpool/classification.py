@@ -1,0 +1,487 @@
+"""Encoder classification/regression taskpools: a generic CSV/JSONL one and GLUE.
+
+Evaluation follows the paper (and MergeLM): task heads are never merged. For each task the
+pool's fine-tuned model for that task supplies the head (``classifier.*`` / ``score.*``) and
+the config (number of labels); every other tensor comes from the merged model being scored.
+
+Splits (paper's GLUE recipe): ``test`` is the dataset's original validation/dev split;
+``train``/``validation`` are a fixed-seed 90/10 division of the original training split
+(:func:`train_val_split`). A task may also name its own files per split.
+
+    taskpool = ClassificationTaskPool(tasks=[{"name": "tweets", "files": {"test": "t.csv"},
+                                              "labels": ["negative", "neutral", "positive"]}])
+    taskpool.evaluate(merged_dir, pool)   # {"tweets/accuracy": 0.71}
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dare_lab.modelpool import ModelPool
+from dare_lab.taskpool.metrics import GLUE_METRICS, check_metrics, compute_metrics
+
+HEAD_PREFIXES = ("classifier.", "score.")
+SPLITS = ("train", "validation", "test")
+VAL_FRACTION = 0.1
+SPLIT_SEED = 42
+
+
+def is_head_key(name: str) -> bool:
+    """Task-head tensors (never merged): ``classifier.*`` and ``score.*``."""
+    return name.startswith(HEAD_PREFIXES)
+
+
+def train_val_split(n: int, val_fraction: float = VAL_FRACTION, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed-seed division of ``range(n)`` into (train, validation) index arrays (sorted).
+
+    validation gets ``round(val_fraction · n)`` rows (at least 1 when n > 1).
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} is outside (0, 1)")
+    perm = np.random.RandomState(seed).permutation(n)
+    n_val = max(1, int(round(val_fraction * n))) if n > 1 else 0
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class Examples:
+    texts: list[str]
+    pairs: list[str] | None
+    labels: list  # int class ids or float scores
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def take(self, idx: Sequence[int]) -> "Examples":
+        return Examples([self.texts[i] for i in idx], None if self.pairs is None else [self.pairs[i] for i in idx],
+                        [self.labels[i] for i in idx])
+
+
+@dataclass
+class TaskSpec:
+    """One task: where its data lives, its columns, labels, metrics and which model's head scores it.
+
+    Data comes from ``files`` (split → local .csv/.tsv/.jsonl/.json path) or from a hub
+    ``dataset`` (+ ``subset``) whose split names are mapped by ``source_splits``
+    (default ``{"train": "train", "test": "validation"}``). A missing ``validation`` split is
+    the fixed-seed 10% of ``train``; when ``validation`` is derived, ``train`` is the other 90%.
+    ``labels``: ordered class names when the label column holds strings (id = position).
+    """
+
+    name: str
+    files: dict[str, str] = field(default_factory=dict)
+    dataset: str | None = None
+    subset: str | None = None
+    source_splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "test": "validation"})
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    labels: list[str] | None = None
+    regression: bool = False
+    metrics: tuple[str, ...] = ("accuracy",)
+    model: str | None = None
+    max_length: int = 128
+    max_examples: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"task name {self.name!r} must be non-empty and contain no '/'")
+        self.files = {str(k): str(v) for k, v in dict(self.files or {}).items()}
+        for k in self.files:
+            if k not in SPLITS:
+                raise ValueError(f"task {self.name!r}: unknown split {k!r} in files; use {SPLITS}")
+        if not self.files and not self.dataset:
+            raise ValueError(f"task {self.name!r} names neither local files nor a hub dataset")
+        self.source_splits = dict(self.source_splits or {})
+        self.metrics = check_metrics(self.metrics)
+        self.labels = None if self.labels is None else [str(x) for x in self.labels]
+
+    @property
+    def head_model(self) -> str:
+        return self.model or self.name
+
+    @property
+    def num_labels(self) -> int | None:
+        return 1 if self.regression else (len(self.labels) if self.labels else None)
+
+    @classmethod
+    def from_any(cls, obj: Any, name: str | None = None) -> "TaskSpec":
+        if isinstance(obj, TaskSpec):
+            return obj
+        if not isinstance(obj, Mapping):
+            try:
+                from omegaconf import OmegaConf
+
+                obj = OmegaConf.to_container(obj, resolve=True)
+            except Exception:  # noqa: BLE001
+                raise ValueError(f"task spec must be a mapping, got {type(obj).__name__}") from None
+        d = dict(obj)
+        if name is not None:
+            d.setdefault("name", name)
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ValueError(f"task {d.get('name')!r}: unknown option(s) {bad}; known: {sorted(known)}")
+        if "metrics" in d:
+            d["metrics"] = tuple([d["metrics"]] if isinstance(d["metrics"], str) else d["metrics"])
+        return cls(**d)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        raise FileNotFoundError(f"data file does not exist: {path}")
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+            return list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
+    if suffix in (".jsonl", ".json"):
+        text = path.read_text(encoding="utf-8")
+        if suffix == ".json" and text.lstrip().startswith("["):
+            return list(json.loads(text))
+        rows = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise ValueError(f"{path}:{i}: not valid JSON") from None
+        return rows
+    raise ValueError(f"unsupported data file type {suffix!r} for {path}; use .csv, .tsv, .jsonl or .json")
+
+
+def _load_hub_rows(spec: TaskSpec, split: str) -> list[dict]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(spec.dataset, spec.subset, split=split)
+    except Exception as exc:  # noqa: BLE001
+        raise FileNotFoundError(f"task {spec.name!r}: cannot load hub dataset {spec.dataset!r} "
+                                f"(subset {spec.subset!r}, split {split!r}): {type(exc).__name__}: {str(exc)[:200]}") from None
+    return ds.to_list()
+
+
+def _rows_to_examples(spec: TaskSpec, rows: list[dict], where: str) -> Examples:
+    if not rows:
+        raise ValueError(f"task {spec.name!r}: {where} holds no rows")
+    cols = [spec.text_column, spec.label_column] + ([spec.text_pair_column] if spec.text_pair_column else [])
+    for c in cols:
+        if c not in rows[0]:
+            raise ValueError(f"task {spec.name!r}: column {c!r} not found in {where}; columns are {sorted(rows[0])}")
+    texts = [str(r[spec.text_column]) for r in rows]
+    pairs = [str(r[spec.text_pair_column]) for r in rows] if spec.text_pair_column else None
+    raw = [r[spec.label_column] for r in rows]
+    if spec.regression:
+        try:
+            labels = [float(x) for x in raw]
+        except (TypeError, ValueError):
+            raise ValueError(f"task {spec.name!r}: regression label column {spec.label_column!r} in {where} is not numeric") from None
+    elif spec.labels:
+        index = {name: i for i, name in enumerate(spec.labels)}
+        labels = []
+        for x in raw:
+            key = str(x)
+            if key in index:
+                labels.append(index[key])
+            elif isinstance(x, (int, np.integer)) or key.lstrip("-").isdigit():
+                labels.append(int(key))
+            else:
+                raise ValueError(f"task {spec.name!r}: label {x!r} in {where} is not one of {spec.labels}")
+        bad = [y for y in labels if not 0 <= y < len(spec.labels)]
+        if bad:
+            raise ValueError(f"task {spec.name!r}: label id {bad[0]} in {where} is outside 0..{len(spec.labels) - 1}")
+    else:
+        try:
+            labels = [int(x) for x in raw]
+        except (TypeError, ValueError):
+            raise ValueError(f"task {spec.name!r}: labels in {where} are not integers; give the class names as `labels`") from None
+    return Examples(texts, pairs, labels)
+
+
+def load_split(spec: TaskSpec, split: str, val_fraction: float = VAL_FRACTION, seed: int = SPLIT_SEED) -> Examples:
+    """Rows of one split (``train`` / ``validation`` / ``test``) as :class:`Examples`."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+
+    def source(name: str) -> Examples | None:
+        if name in spec.files:
+            path = Path(spec.files[name]).expanduser()
+            return _rows_to_examples(spec, _read_rows(path), str(path))
+        if spec.dataset and name in spec.source_splits:
+            hub_split = spec.source_splits[name]
+            return _rows_to_examples(spec, _load_hub_rows(spec, hub_split), f"{spec.dataset}[{hub_split}]")
+        return None
+
+    has_val = "validation" in spec.files or (spec.dataset is not None and "validation" in spec.source_splits)
+    if split == "test" or has_val:
+        ex = source(split)
+    else:  # train / validation derived from the training split
+        full = source("train")
+        if full is None:
+            raise ValueError(f"task {spec.name!r} has no train split to derive {split!r} from")
+        tr, va = train_val_split(len(full), val_fraction, seed)
+        ex = full.take(tr if split == "train" else va)
+    if ex is None:
+        raise ValueError(f"task {spec.name!r} has no {split!r} split (files: {sorted(spec.files)}, hub: {spec.dataset})")
+    if spec.max_examples is not None and split != "train" and len(ex) > spec.max_examples:
+        ex = ex.take(range(spec.max_examples))
+    return ex
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def read_state_dict(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF checkpoint directory (safetensors, sharded or not, or .bin)."""
+    from dare_lab.engine.sources import CheckpointReader
+
+    reader = CheckpointReader(model_dir)
+    return {n: reader.get(n) for n in reader.names()}
+
+
+def load_body_into(model: torch.nn.Module, body: Mapping[str, torch.Tensor], label: str = "merged model") -> None:
+    """Copy every non-head tensor of ``body`` into ``model`` (its head is left untouched).
+
+    Keys without the model's base prefix (a bare ``BertModel`` checkpoint) are mapped onto it.
+    Raises ValueError naming the first missing or mis-shaped tensor.
+    """
+    own = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", "")
+    mapped: dict[str, torch.Tensor] = {}
+    for k, v in body.items():
+        if is_head_key(k):
+            continue
+        key = k if k in own or not prefix else f"{prefix}.{k}"
+        if key not in own:
+            if key.endswith(("position_ids", "token_type_ids")):  # buffers some versions save
+                continue
+            raise ValueError(f"{label}: tensor {k!r} has no counterpart in the task model ({type(model).__name__})")
+        if tuple(own[key].shape) != tuple(v.shape):
+            raise ValueError(f"{label}: tensor {k!r} has shape {tuple(v.shape)}, the task model expects {tuple(own[key].shape)}")
+        mapped[key] = v
+    missing = [k for k in own if not is_head_key(k) and k not in mapped and not k.endswith(("position_ids", "token_type_ids"))]
+    if missing:
+        raise ValueError(f"{label}: body tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    with torch.no_grad():
+        for k, v in mapped.items():
+            own[k].copy_(v.to(own[k].dtype))
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, encodings: list[dict[str, torch.Tensor]], regression: bool, device: torch.device) -> np.ndarray:
+    """Predictions for pre-tokenized batches: argmax class id, or the scalar output for regression."""
+    model.eval()
+    out = []
+    for batch in encodings:
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        out.append(logits[:, 0].float().cpu() if regression else logits.argmax(-1).cpu())
+    return torch.cat(out).numpy()
+
+
+def encode_batches(tokenizer, ex: Examples, max_length: int, batch_size: int) -> tuple[list[dict[str, torch.Tensor]], np.ndarray]:
+    """Tokenize once, sort by length (less padding), pad per batch. Returns (batches, order)."""
+    enc = tokenizer(ex.texts, ex.pairs, truncation=True, max_length=max_length) if ex.pairs is not None else \
+        tokenizer(ex.texts, truncation=True, max_length=max_length)
+    order = np.argsort([len(x) for x in enc["input_ids"]], kind="stable")
+    batches = []
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        feats = [{k: enc[k][i] for k in enc.keys()} for i in idx]
+        batches.append(dict(tokenizer.pad(feats, return_tensors="pt")))
+    return batches, order
+
+
+# ----------------------------------------------------------------------------- taskpools
+
+
+class ClassificationTaskPool:
+    """Scores a (merged) encoder on several classification/regression tasks.
+
+    tasks: list of task specs (mappings or :class:`TaskSpec`), or a mapping name → spec.
+    split: which split to score (``test`` by default; ``validation`` for model selection).
+    Each task's head and config come from ``pool.models[task.model or task.name]``.
+    """
+
+    def __init__(self, tasks: Sequence[Any] | Mapping[str, Any], split: str = "test", batch_size: int = 64,
+                 device: str = "cpu", max_examples: int | None = None, progress: bool = False):
+        if isinstance(tasks, Mapping) or hasattr(tasks, "items") and not isinstance(tasks, (list, tuple)):
+            specs = [TaskSpec.from_any(v, name=str(k)) for k, v in tasks.items()]
+        else:
+            specs = [TaskSpec.from_any(t) for t in tasks]
+        if not specs:
+            raise ValueError("classification taskpool has no tasks")
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate task names in {names}")
+        if max_examples is not None:
+            for s in specs:
+                s.max_examples = max_examples if s.max_examples is None else min(s.max_examples, max_examples)
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.tasks = specs
+        self.split = split
+        self.batch_size = int(batch_size)
+        self.device = _device(device)
+        self.progress = progress
+        self._examples: dict[str, Examples] = {}
+        self._encoded: dict[tuple, tuple[list, np.ndarray]] = {}
+        self._task_models: dict[tuple[str, str], torch.nn.Module] = {}
+
+    # -- data
+    def examples(self, task: TaskSpec) -> Examples:
+        if task.name not in self._examples:
+            self._examples[task.name] = load_split(task, self.split)
+        return self._examples[task.name]
+
+    def _encoded_for(self, task: TaskSpec, head_dir: str) -> tuple[list, np.ndarray]:
+        from transformers import AutoTokenizer
+
+        key = (task.name, self.split, str(head_dir), task.max_length, self.batch_size)
+        if key not in self._encoded:
+            tok = AutoTokenizer.from_pretrained(head_dir)
+            self._encoded[key] = encode_batches(tok, self.examples(task), task.max_length, self.batch_size)
+        return self._encoded[key]
+
+    def task_model(self, task: TaskSpec, pool: ModelPool) -> tuple[torch.nn.Module, str]:
+        """The fine-tuned model that owns ``task``'s head (loaded once, cached)."""
+        from transformers import AutoModelForSequenceClassification
+
+        if task.head_model not in pool.models:
+            raise ValueError(f"task {task.name!r}: model pool has no model {task.head_model!r} to take its head from "
+                             f"(pool models: {sorted(pool.models)}); set the task's `model`")
+        ref = pool.models[task.head_model]
+        key = (task.name, ref)
+        if key not in self._task_models:
+            from dare_lab.engine.sources import resolve_model_dir
+
+            path = str(resolve_model_dir(ref))
+            model = AutoModelForSequenceClassification.from_pretrained(path, torch_dtype=torch.float32)
+            n = model.config.num_labels
+            if task.num_labels is not None and n != task.num_labels:
+                raise ValueError(f"task {task.name!r} has {task.num_labels} labels but model {ref!r} has a {n}-way head")
+            self._task_models[key] = model.to(self.device).eval()
+            self._task_models[key]._dare_lab_path = path  # type: ignore[attr-defined]
+        model = self._task_models[key]
+        return model, model._dare_lab_path  # type: ignore[attr-defined]
+
+    # -- scoring
+    def score(self, model: torch.nn.Module, task: TaskSpec, tokenizer_dir: str) -> dict[str, float]:
+        """Metrics of a complete model (body + head) on one task."""
+        batches, order = self._encoded_for(task, tokenizer_dir)
+        preds_sorted = predict(model, batches, task.regression, self.device)
+        preds = np.empty_like(preds_sorted)
+        preds[order] = preds_sorted
+        return compute_metrics(task.metrics, preds, self.examples(task).labels)
+
+    def evaluate_state_dict(self, body: Mapping[str, torch.Tensor], pool: ModelPool, label: str = "merged model") -> dict[str, float]:
+        """Score an in-memory merged body: each task = this body + the task model's own head."""
+        results: dict[str, float] = {}
+        for task in self.tasks:
+            model, path = self.task_model(task, pool)
+            original = {k: v.detach().clone() for k, v in model.state_dict().items() if not is_head_key(k)}
+            try:
+                load_body_into(model, body, label)
+                for m, v in self.score(model, task, path).items():
+                    results[f"{task.name}/{m}"] = v
+            finally:  # restore the task model's own body for the next caller
+                load_body_into(model, original, "task model")
+        return results
+
+    def evaluate(self, model_dir: str | Path, pool: ModelPool) -> dict[str, float]:
+        """Score the merged model in ``model_dir`` (merged body + each task's own head)."""
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"merged model directory does not exist: {model_dir}")
+        return self.evaluate_state_dict(read_state_dict(model_dir), pool, label=str(model_dir))
+
+    def evaluate_models(self, pool: ModelPool) -> dict[str, float]:
+        """Each task scored by its own fine-tuned model (the individual-model baseline)."""
+        results: dict[str, float] = {}
+        for task in self.tasks:
+            model, path = self.task_model(task, pool)
+            for m, v in self.score(model, task, path).items():
+                results[f"{task.name}/{m}"] = v
+        return results
+
+
+# ----------------------------------------------------------------------------- GLUE
+
+GLUE_DATASET = "nyu-mll/glue"
+
+# task → (text column, pair column, number of labels (1 = regression), hub split used as test)
+GLUE_TASKS: dict[str, tuple[str, str | None, int, str]] = {
+    "cola": ("sentence", None, 2, "validation"),
+    "sst2": ("sentence", None, 2, "validation"),
+    "mrpc": ("sentence1", "sentence2", 2, "validation"),
+    "stsb": ("sentence1", "sentence2", 1, "validation"),
+    "qqp": ("question1", "question2", 2, "validation"),
+    "mnli": ("premise", "hypothesis", 3, "validation_matched"),
+    "qnli": ("question", "sentence", 2, "validation"),
+    "rte": ("sentence1", "sentence2", 2, "validation"),
+}
+GLUE_LABELS = {
+    "cola": ["unacceptable", "acceptable"], "sst2": ["negative", "positive"],
+    "mrpc": ["not_equivalent", "equivalent"], "qqp": ["not_duplicate", "duplicate"],
+    "mnli": ["entailment", "neutral", "contradiction"], "qnli": ["entailment", "not_entailment"],
+    "rte": ["entailment", "not_entailment"],
+}
+
+
+def glue_task(name: str, files: Mapping[str, str] | None = None, dataset: str = GLUE_DATASET,
+              model: str | None = None, max_length: int = 128, max_examples: int | None = None) -> TaskSpec:
+    """The paper's spec of one GLUE task (hub id ``nyu-mll/glue``; ``files`` for local copies)."""
+    if name not in GLUE_TASKS:
+        raise ValueError(f"unknown GLUE task {name!r}; choose from {sorted(GLUE_TASKS)}")
+    text, pair, n, test_split = GLUE_TASKS[name]
+    return TaskSpec(name=name, files=dict(files or {}), dataset=None if files else dataset, subset=name,
+                    source_splits={"train": "train", "test": test_split}, text_column=text, text_pair_column=pair,
+                    label_column="label", labels=GLUE_LABELS.get(name), regression=n == 1,
+                    metrics=GLUE_METRICS[name], model=model, max_length=max_length, max_examples=max_examples)
+
+
+class GlueTaskPool(ClassificationTaskPool):
+    """GLUE with the paper's metrics: CoLA MCC; SST-2/QNLI/RTE acc; MNLI matched acc;
+    MRPC/QQP acc + F1; STS-B Pearson + Spearman.
+
+    tasks: GLUE task names (default all eight). models: task → pool key owning its head
+    (default: the task name). files: task → {split: local file} (offline copies in the hub schema).
+    """
+
+    def __init__(self, tasks: Sequence[str] = tuple(GLUE_TASKS), split: str = "test", batch_size: int = 64,
+                 device: str = "cpu", max_examples: int | None = None, models: Mapping[str, str] | None = None,
+                 files: Mapping[str, Mapping[str, str]] | None = None, dataset: str = GLUE_DATASET,
+                 max_length: int = 128, progress: bool = False):
+        models, files = dict(models or {}), dict(files or {})
+        specs = [glue_task(t, files.get(t), dataset, models.get(t), max_length) for t in tasks]
+        super().__init__(specs, split=split, batch_size=batch_size, device=device, max_examples=max_examples,
+                         progress=progress)
+
+
+def mean_score(results: Mapping[str, float]) -> float:
+    """Average over tasks of each task's mean metric (NaN metrics skipped)."""
+    per_task: dict[str, list[float]] = {}
+    for k, v in results.items():
+        task = k.split("/", 1)[0]
+        if not math.isnan(v):
+            per_task.setdefault(task, []).append(v)
+    vals = [sum(v) / len(v) for v in per_task.values() if v]
+    return sum(vals) / len(vals) if vals else float("nan")

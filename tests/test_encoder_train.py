@@ -1,0 +1,90 @@
+"""Fine-tuning program on a tiny random BERT and a synthetic task."""
+import json
+
+import pytest
+import torch
+
+from dare_lab.taskpool.classification import TaskSpec, load_split, train_val_split
+from dare_lab.train.finetune import FinetuneConfig, finetune
+from dare_lab.train.tiny import make_tiny_bert, polarity_rows, write_csv
+
+
+@pytest.fixture(scope="module")
+def polarity(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    base = make_tiny_bert(root / "base", num_labels=2, seed=0)
+    train = write_csv(polarity_rows(320, seed=1), root / "train.csv")
+    test = write_csv(polarity_rows(100, seed=2), root / "test.csv")
+    spec = TaskSpec(name="polarity", files={"train": str(train), "test": str(test)}, labels=["neg", "pos"], max_length=16)
+    return root, base, spec
+
+
+CFG = dict(epochs=5, learning_rate=2e-3, batch_size=16, warmup_ratio=0.1, progress=False, log_every_steps=5)
+
+
+def test_train_val_split_is_fixed_and_disjoint():
+    tr, va = train_val_split(50, 0.1, seed=42)
+    tr2, va2 = train_val_split(50, 0.1, seed=42)
+    assert (tr == tr2).all() and (va == va2).all()
+    assert len(va) == 5 and len(tr) == 45 and not set(tr) & set(va)
+    assert sorted([*tr, *va]) == list(range(50))
+    assert list(train_val_split(50, 0.1, seed=1)[1]) != list(va)
+
+
+def test_finetune_beats_chance_and_loads(polarity, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    root, base, spec = polarity
+    out = tmp_path / "model"
+    summary = finetune(base, spec, out, CFG)
+    assert summary["status"] == "done"
+    assert summary["train_examples"] == 288 and summary["validation_examples"] == 32  # 90/10 of 320
+    assert summary["validation"]["accuracy"] > 0.8
+    # the output is a regular HF classification model with its head and labels
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert model.config.num_labels == 2 and model.config.id2label[1] == "pos"
+    test = load_split(spec, "test")
+    with torch.inference_mode():
+        logits = model(**tok(test.texts, padding=True, return_tensors="pt")).logits
+    acc = (logits.argmax(-1) == torch.tensor(test.labels)).float().mean().item()
+    assert acc > 0.8
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if "validation/accuracy" in r] == [1, 2, 3, 4, 5]
+    assert not (out / "_checkpoint").exists()
+    # a finished directory is reused, not retrained
+    again = finetune(base, spec, out, CFG)
+    assert again["train_seconds"] == summary["train_seconds"]
+
+
+def test_finetune_resumes_from_checkpoint(polarity, tmp_path):
+    root, base, spec = polarity
+    out = tmp_path / "model"
+    cfg = dict(CFG, epochs=2)
+    part = finetune(base, spec, out, cfg, stop_after_steps=7)
+    assert part == {"status": "interrupted", "step": 7, "total_steps": 36}
+    assert (out / "_checkpoint" / "state.json").exists() and not (out / "finetune.json").exists()
+    done = finetune(base, spec, out, cfg)
+    assert done["status"] == "done" and done["steps"] == 36
+    steps = [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert steps == [5, 10, 15, 20, 25, 30, 35]  # no step repeated after resuming at 7
+
+
+def test_regression_task(tmp_path):
+    base = make_tiny_bert(tmp_path / "base", num_labels=2, seed=0)
+    rows = [{"text": r["text"], "label": 1.0 if r["label"] == "pos" else 0.0} for r in polarity_rows(320, seed=3)]
+    spec = TaskSpec(name="score", files={"train": str(write_csv(rows, tmp_path / "train.csv"))}, regression=True,
+                    metrics=("pearson", "spearman"), max_length=16)
+    summary = finetune(base, spec, tmp_path / "out", dict(CFG, epochs=5))
+    assert summary["validation"]["pearson"] > 0.7
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(tmp_path / "out")
+    assert cfg.num_labels == 1 and cfg.problem_type == "regression"
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="epochs"):
+        FinetuneConfig(epochs=0)
+    with pytest.raises(ValueError, match="lr_typo"):
+        FinetuneConfig.from_any({"lr_typo": 1})

@@ -40,11 +40,11 @@ def experiment_name(cfg: Any, default: str = "default") -> str:
 
 
 def from_config(cfg: Any, experiment: str | None = None, run_name: str | None = None, start: bool = True) -> Tracker:
-    """Build the tracker of ``cfg.tracker`` (a ``_target_`` node; LocalTracker when absent),
+    """Build the tracker of ``cfg.tracker`` (a ``_target_`` node; LocalTracker when it has none),
     start it under ``experiment`` (default ``cfg.experiment_name``) with the resolved config,
     and make it active."""
     node = cfg.get("tracker") if hasattr(cfg, "get") else None
-    if node is None:
+    if node is None or "_target_" not in node:  # tracker=none: local results only
         tracker: Tracker = LocalTracker()
     else:
         from hydra.utils import instantiate

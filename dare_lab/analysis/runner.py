@@ -1,0 +1,118 @@
+"""Glue shared by the analysis programs: pools, taskpools, scope, tracker, paper references."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from dare_lab import tracking
+
+
+def cfg_get(cfg: Any, dotted: str, default: Any = None) -> Any:
+    v = OmegaConf.select(cfg, dotted, default=default) if OmegaConf.is_config(cfg) else default
+    if OmegaConf.is_config(v):
+        v = OmegaConf.to_container(v, resolve=True)
+    return default if v is None else v
+
+
+def build_pool(cfg: DictConfig):
+    from dare_lab.programs.merge import build_pool as _build
+
+    return _build(cfg)
+
+
+def build_taskpool(cfg: DictConfig):
+    """The configured taskpool, or the label-free :class:`FidelityTaskPool` when none is set."""
+    node = cfg.get("taskpool") if hasattr(cfg, "get") else None
+    if node is not None and "_target_" in node:
+        from hydra.utils import instantiate
+
+        return instantiate(node, _convert_="all")
+    from dare_lab.analysis.fidelity import FidelityTaskPool
+
+    return FidelityTaskPool(**cfg_get(cfg, "analysis.fidelity", {}))
+
+
+def build_scope(cfg: DictConfig):
+    from dare_lab.engine import Scope
+
+    s = cfg_get(cfg, "engine.scope", None)
+    if not s:
+        return Scope()
+    return Scope(include=tuple(s.get("include", (".*",))), exclude=tuple(s.get("exclude", ())),
+                 linear_only=bool(s.get("linear_only", False)))
+
+
+class TrackedRun:
+    """The active tracker (started by the CLI) or one of our own from ``cfg.tracker``.
+
+    Local results are always written: when the configured tracker writes nothing locally
+    (``tracker=none``), a :class:`LocalTracker` under ``results/<experiment>/`` is used.
+    """
+
+    def __init__(self, cfg: DictConfig):
+        self.tracker = tracking.current()
+        self.owned = self.tracker is None
+        run_name = cfg.get("run_name") if hasattr(cfg, "get") else None
+        if self.owned:
+            self.tracker = tracking.from_config(cfg, run_name=run_name)
+        self.local = self.tracker if self.tracker.run_dir is not None else None
+        if self.local is None:  # e.g. a NullTracker: still keep local results
+            self.local = tracking.activate(tracking.LocalTracker())
+            self.local.start(tracking.experiment_name(cfg), run_name, OmegaConf.to_container(cfg, resolve=True))
+        self.dir: Path = self.local.run_dir
+
+    def trackers(self):
+        return [self.tracker] if self.local is self.tracker else [self.tracker, self.local]
+
+    def table(self, name: str, rows, columns=None) -> Path:
+        for t in self.trackers():
+            t.log_table(name, rows, columns)
+        return self.local.table_path(name, "md")
+
+    def image(self, name: str, path: Path) -> None:
+        for t in self.trackers():
+            t.log_image(name, path)
+
+    def plot_path(self, name: str) -> Path:
+        from dare_lab.tracking.local import safe_name
+
+        return self.dir / "plots" / f"{safe_name(name)}.png"
+
+    def finish(self, metrics: Mapping[str, Any]) -> None:
+        nums = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if self.owned:
+            self.tracker.log_metrics(nums)
+            self.tracker.finish()
+        if self.local is not self.tracker:
+            self.local.log_metrics(nums)
+            self.local.finish()
+
+
+def print_table(title: str, md_path: Path) -> None:
+    print(f"\n== {title} ({md_path})")
+    print(md_path.read_text())
+
+
+def print_references(cfg: DictConfig, ours: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Print ``cfg.reference`` (the paper's numbers for this experiment) beside ours.
+
+    ``reference``: {source: str, notes: [str], values: {key: paper value}}; ``ours`` maps the
+    same keys to our measurements. Returns the side-by-side rows.
+    """
+    ref = cfg_get(cfg, "reference", None)
+    if not ref:
+        return []
+    print(f"\n== Paper reference: {ref.get('source', '')}")
+    for note in ref.get("notes", []) or []:
+        print(f"  paper: {note}")
+    rows = []
+    for key, paper in (ref.get("values") or {}).items():
+        mine = ours.get(key)
+        rows.append({"quantity": key, "paper": paper, "ours": mine})
+        shown = f"{mine:.4f}" if isinstance(mine, float) else ("n/a (not measured here)" if mine is None else mine)
+        print(f"  {key}: paper {paper} | ours {shown}")
+    return rows

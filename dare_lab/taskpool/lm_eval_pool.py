@@ -1,0 +1,207 @@
+"""lm-eval (EleutherAI lm-evaluation-harness) as a taskpool.
+
+Runs any lm-eval task list on a merged model — from the engine's output directory or in
+memory (``HFLM(pretrained=model_object)``) — with the HF backend, or with lm-eval's vLLM
+model in a **fresh worker process per evaluated model** (vLLM cannot start twice in one
+process). ``tasks: open_llm_leaderboard`` expands to the Open LLM Leaderboard (v1) six with
+their few-shot counts: ARC-Challenge 25, HellaSwag 10, MMLU 5, TruthfulQA-MC2 0,
+Winogrande 5, GSM8K 5. Local task YAMLs (``include_path``; with ``include_defaults: false``
+only those are indexed) run offline on local data (``dataset_path: json`` + ``data_files``).
+
+Metrics: ``"<task>/<metric>"`` from lm-eval's results, the filter suffix ``,none`` dropped
+(other filters kept as ``<metric>_<filter>``), e.g. ``arc_challenge/acc_norm``; the
+example count is ``<task>/n``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dare_lab.modelpool import ModelPool
+
+log = logging.getLogger(__name__)
+
+PRESETS: dict[str, list[dict[str, Any]]] = {
+    "open_llm_leaderboard": [
+        {"task": "arc_challenge", "num_fewshot": 25},
+        {"task": "hellaswag", "num_fewshot": 10},
+        {"task": "mmlu", "num_fewshot": 5},
+        {"task": "truthfulqa_mc2", "num_fewshot": 0},
+        {"task": "winogrande", "num_fewshot": 5},
+        {"task": "gsm8k", "num_fewshot": 5},
+    ],
+}
+
+
+def _plain(x: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(x, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(x, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return x
+
+
+def expand_tasks(tasks: Any, num_fewshot: int | None) -> list[dict[str, Any]]:
+    """Names / presets / ``{task, num_fewshot}`` → list of ``{task, num_fewshot}``."""
+    tasks = _plain(tasks)
+    if isinstance(tasks, (str, Mapping)):
+        tasks = [tasks]
+    out: list[dict[str, Any]] = []
+    for t in tasks or []:
+        if isinstance(t, str) and t in PRESETS:
+            out += [dict(p) for p in PRESETS[t]] if num_fewshot is None else [{**p, "num_fewshot": num_fewshot} for p in PRESETS[t]]
+        elif isinstance(t, str):
+            out.append({"task": t, "num_fewshot": num_fewshot})
+        elif isinstance(t, Mapping) and "task" in t:
+            bad = set(t) - {"task", "num_fewshot"}
+            if bad:
+                raise ValueError(f"lm-eval task entry {dict(t)}: unknown key(s) {sorted(bad)}; allowed task, num_fewshot")
+            out.append({"task": str(t["task"]), "num_fewshot": t.get("num_fewshot", num_fewshot)})
+        else:
+            raise ValueError(f"lm-eval task entry {t!r} must be a task name, a preset {sorted(PRESETS)} or {{task, num_fewshot}}")
+    if not out:
+        raise ValueError("lm-eval taskpool lists no tasks")
+    return out
+
+
+def flatten_results(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """lm-eval's ``results`` → ``{"task/metric": value}`` (floats only, ``,none`` dropped)."""
+    flat: dict[str, float] = {}
+    for task, metrics in results.items():
+        for key, value in metrics.items():
+            if key == "alias" or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            metric, _, filt = key.partition(",")
+            name = metric if filt in ("", "none") else f"{metric}_{filt}"
+            name = "n" if name == "sample_len" else name
+            flat[f"{task}/{name}"] = float(value)
+    return flat
+
+
+def _run(lm: Any, groups: dict[Any, list[str]], opts: dict) -> dict[str, float]:
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    include = opts.get("include_path")
+    tm = TaskManager(include_path=include, include_defaults=bool(opts.get("include_defaults", True)))
+    metrics: dict[str, float] = {}
+    for shots, names in groups.items():
+        unknown = [n for n in names if n not in tm.all_tasks]
+        if unknown:
+            where = f" (include_path={include}, include_defaults={opts.get('include_defaults', True)})"
+            raise ValueError(f"unknown lm-eval task(s) {unknown}{where}")
+        res = simple_evaluate(model=lm, tasks=names, num_fewshot=shots, limit=opts.get("limit"), task_manager=tm,
+                              log_samples=False, bootstrap_iters=int(opts.get("bootstrap_iters", 0)),
+                              apply_chat_template=opts.get("apply_chat_template", False),
+                              gen_kwargs=opts.get("gen_kwargs"), random_seed=opts.get("seed", 0),
+                              numpy_random_seed=opts.get("seed", 0), torch_random_seed=opts.get("seed", 0),
+                              fewshot_random_seed=opts.get("seed", 0))
+        metrics.update(flatten_results(res["results"]))
+    return metrics
+
+
+def _vllm_worker(conn, model_dir: str, vllm_args: dict, groups: dict, opts: dict) -> None:  # spawned process
+    try:
+        from lm_eval.models.vllm_causallms import VLLM
+
+        lm = VLLM(pretrained=model_dir, **vllm_args)
+        conn.send(("ok", _run(lm, groups, opts)))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+class LMEvalTaskPool:
+    """``tasks``: lm-eval task names, presets (``open_llm_leaderboard``) or ``{task, num_fewshot}``.
+
+    ``backend``: ``hf`` (default; options batch_size, device, dtype, max_length) or ``vllm``
+    (options tensor_parallel_size, gpu_memory_utilization, dtype, max_model_len).
+    ``include_path``: directories of local task YAMLs; ``include_defaults: false`` indexes only
+    those (fast, offline). ``limit``: examples per task (int or fraction).
+    """
+
+    def __init__(self, tasks: Any = "open_llm_leaderboard", num_fewshot: int | None = None, *, limit: int | float | None = None,
+                 backend: str | Mapping = "hf", include_path: str | Sequence[str] | None = None, include_defaults: bool = True,
+                 apply_chat_template: bool = False, gen_kwargs: str | dict | None = None, bootstrap_iters: int = 0,
+                 tokenizer: str | None = None, output_dir: str | None = None, seed: int = 0, name: str = "lm_eval") -> None:
+        self.tasks = expand_tasks(tasks, num_fewshot)
+        spec = _plain(backend)
+        spec = {"name": spec} if isinstance(spec, str) else dict(spec or {})
+        self.backend_name = spec.pop("name", "hf")
+        if self.backend_name not in ("hf", "vllm"):
+            raise ValueError(f"unknown lm-eval backend {self.backend_name!r}; choose hf or vllm")
+        self.backend_opts = spec
+        inc = _plain(include_path)
+        if inc is not None:
+            inc = [str(p) for p in ([inc] if isinstance(inc, (str, os.PathLike)) else inc)]
+            for p in inc:
+                if not Path(p).exists():
+                    raise FileNotFoundError(f"lm-eval include_path {p} does not exist")
+        self.opts = {"include_path": inc, "include_defaults": include_defaults, "limit": limit,
+                     "apply_chat_template": apply_chat_template, "gen_kwargs": _plain(gen_kwargs),
+                     "bootstrap_iters": bootstrap_iters, "seed": seed}
+        self.tokenizer, self.output_dir, self.name = tokenizer, output_dir, name
+
+    def _groups(self) -> dict[Any, list[str]]:
+        groups: dict[Any, list[str]] = {}
+        for t in self.tasks:
+            groups.setdefault(t["num_fewshot"], []).append(t["task"])
+        return groups
+
+    def _hf_lm(self, model: Any, pool: ModelPool | None):
+        from lm_eval.models.huggingface import HFLM
+
+        opts = dict(self.backend_opts)
+        opts.setdefault("batch_size", 8)
+        opts.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
+        opts.setdefault("dtype", "float32")
+        if isinstance(model, torch.nn.Module):
+            tok = self.tokenizer or (pool.base if pool is not None else None)
+            if tok is None:
+                raise ValueError("evaluating an in-memory model needs a tokenizer: set taskpool.tokenizer or pass the model pool")
+            if isinstance(tok, (str, os.PathLike)):
+                from transformers import AutoTokenizer
+
+                tok = AutoTokenizer.from_pretrained(str(tok))
+            opts.pop("device", None)
+            opts.pop("dtype", None)
+            return HFLM(pretrained=model, tokenizer=tok, **opts)
+        if self.tokenizer:
+            opts["tokenizer"] = self.tokenizer
+        return HFLM(pretrained=str(model), **opts)
+
+    def evaluate(self, model_dir: Any, pool: ModelPool | None = None) -> dict[str, float]:
+        groups = self._groups()
+        if self.backend_name == "hf":
+            metrics = _run(self._hf_lm(model_dir, pool), groups, self.opts)
+        else:
+            if isinstance(model_dir, torch.nn.Module):
+                raise TypeError("lm-eval vLLM backend needs a model directory, got an in-memory model; use backend hf")
+            from dare_lab.taskpool.generation.backends import vllm_available
+
+            ok, reason = vllm_available()
+            if not ok:
+                raise RuntimeError(f"lm-eval vLLM backend unavailable: {reason}")
+            ctx = mp.get_context("spawn")
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_vllm_worker, args=(child, str(model_dir), self.backend_opts, groups, self.opts))
+            proc.start()
+            kind, payload = parent.recv()
+            proc.join()
+            if kind != "ok":
+                raise RuntimeError(f"lm-eval with vLLM failed on {model_dir}: {payload}")
+            metrics = payload
+        if self.output_dir:
+            Path(self.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(self.output_dir) / "lm_eval_metrics.json").write_text(json.dumps(metrics, indent=2))
+        return metrics

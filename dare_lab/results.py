@@ -20,14 +20,19 @@ def write_atomic(path: str | os.PathLike, text: str) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    finally:
+    finally:  # also on KeyboardInterrupt; after SIGKILL only a hidden ``.name.tmp-*`` can remain
         if tmp.exists():
             tmp.unlink()
     return path
 
 
+def json_text(data: Any) -> str:
+    """The canonical JSON text of results files (sorted keys, 2-space indent)."""
+    return json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+
+
 def write_json(path: str | os.PathLike, data: Any) -> Path:
-    return write_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    return write_atomic(path, json_text(data))
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:

@@ -1,10 +1,18 @@
-"""Hydra callback that joins every run of a sweep into one summary table."""
+"""Hydra callback that joins every run of a sweep into one summary table.
+
+The table (``summary.csv`` and ``summary.md`` in the sweep directory) has one row per job
+directory holding a ``metrics.json``, in job order, with the job's overrides and run
+identity. It is rewritten atomically after every job and at the end of the sweep, so a
+sweep killed midway leaves the table of the jobs it finished, and a resumed sweep (see
+``resume`` in the config) writes every row exactly once.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +29,21 @@ def collect_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
         metrics_file = job / "metrics.json"
         if not metrics_file.exists():
             continue
+        try:
+            metrics = json.loads(metrics_file.read_text())
+        except ValueError:
+            continue  # not ours or damaged by hand: written atomically by dare-lab
         row: dict[str, Any] = {"job": job.name}
         overrides = job / ".hydra" / "overrides.yaml"
         if overrides.exists():
             row["overrides"] = " ".join(OmegaConf.load(overrides))
-        row.update(json.loads(metrics_file.read_text()))
+        info = job / "run.json"
+        if info.exists():
+            try:
+                row["run_id"] = json.loads(info.read_text()).get("run_id")
+            except ValueError:
+                pass
+        row.update(metrics)
         rows.append(row)
     return rows
 
@@ -43,7 +61,44 @@ def write_summary(sweep_dir: Path) -> Path | None:
     return write_atomic(sweep_dir / "summary.md", markdown_table(rows, columns))
 
 
+class _RedactFilter(logging.Filter):
+    """Masks secrets in the launcher's log lines (they list each job's overrides)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from dare_lab.run_identity import redact_text
+
+        try:
+            msg = record.getMessage()
+        except Exception:  # noqa: BLE001
+            return True
+        clean = redact_text(msg)
+        if clean != msg:
+            record.msg, record.args = clean, ()
+        return True
+
+
+_LAUNCHER_LOGGERS = ("hydra._internal.core_plugins.basic_launcher", "hydra_plugins.hydra_joblib_launcher._core",
+                     "hydra._internal.utils", "hydra")
+
+
 class SweepSummary(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        for name in _LAUNCHER_LOGGERS:
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, _RedactFilter) for f in logger.filters):
+                logger.addFilter(_RedactFilter())
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            hc = HydraConfig.get()
+            if not str(hc.mode).endswith("MULTIRUN"):
+                return
+            write_summary(Path(hc.sweep.dir))
+        except Exception:  # noqa: BLE001 - the end-of-sweep summary is still written
+            return
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         path = write_summary(Path(config.hydra.sweep.dir))
         if path is not None:

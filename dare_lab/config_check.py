@@ -1,0 +1,295 @@
+"""Catch bad command-line overrides before any job starts, with one line naming the valid choices.
+
+Hydra's own messages for a wrong group option, a misspelt key or an unparsable value are
+several lines long and exit with status 1; values of the wrong type are not caught at all
+(``engine.threads=two`` composes fine and fails deep inside the run). :func:`check_overrides`
+composes the configuration the way ``dare-lab`` will (every value of a sweep at least once)
+and raises :class:`OverrideError` with one line, e.g.::
+
+    unknown method 'dare_tie' (method=dare_tie); choose one of: average, dare_average, ...
+    unknown config key 'engine.thread'; did you mean 'engine.threads'? valid keys under 'engine': ...
+    engine.threads=two: expected an integer (default 2)
+    unknown parameter 'drop_rat' of method (dare_lab.methods.build_method); did you mean 'drop_rate'? ...
+
+Anything it does not recognise as an override error is left to Hydra.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
+_MAX_VARIANTS = 12
+
+
+class OverrideError(ValueError):
+    """A command-line override that names no config key/option or has the wrong type."""
+
+
+def _groups(config_dir: str) -> list[str]:
+    return sorted(p.name for p in Path(config_dir).iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+
+
+def _options(config_dir: str, group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(config_dir) / group).glob("*.yaml"))
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def _variants(overrides: Sequence[str]) -> list[list[str]]:
+    """The override lists to compose: first value of every sweep, then each other value once."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    firsts: list[str] = []
+    alternatives: list[tuple[int, str]] = []
+    for i, o in enumerate(parsed):
+        if not o.is_sweep_override():
+            firsts.append(o.input_line)
+            continue
+        prefix = o.input_line[: len(o.input_line) - len(o.input_line.lstrip("+~"))]
+        values = list(o.sweep_string_iterator())
+        if not values:
+            raise OverrideError(f"sweep override {o.input_line!r} has no values")
+        firsts.append(f"{prefix}{o.key_or_group}={values[0]}")
+        alternatives += [(i, f"{prefix}{o.key_or_group}={v}") for v in values[1:]]
+    out = [firsts]
+    for i, line in alternatives[: _MAX_VARIANTS - 1]:
+        out.append([*firsts[:i], line, *firsts[i + 1:]])
+    return out
+
+
+def _defaults_for(variant: Sequence[str], config_dir: str, compose) -> Any:
+    """The config with the same group choices but no value overrides (the types to expect)."""
+    groups = set(_groups(config_dir))
+    chosen = tuple(o for o in variant if o.split("=", 1)[0].lstrip("+~") in groups and "=" in o)
+    cache = getattr(compose, "cache", None)
+    if cache is not None and chosen in cache:
+        return cache[chosen]
+    try:
+        cfg = compose(chosen)
+    except Exception:  # noqa: BLE001
+        cfg = compose([])
+    if cache is not None:
+        cache[chosen] = cfg
+    return cfg
+
+
+def _kind(value: Any) -> str:
+    from omegaconf import DictConfig, ListConfig
+
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, (DictConfig, Mapping)):
+        return "dict"
+    if isinstance(value, (ListConfig, list, tuple)):
+        return "list"
+    return "none" if value is None else type(value).__name__
+
+
+_EXPECT = {"bool": "true or false", "int": "an integer", "float": "a number", "dict": "a config group/mapping",
+           "list": "a list like [a,b]", "str": "a string"}
+_ALLOWED = {"bool": {"bool"}, "int": {"int"}, "float": {"float", "int"}, "dict": {"dict"}, "list": {"list"},
+            "str": {"str", "int", "float", "bool"}}
+
+
+def _show(value: Any) -> str:
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=False)
+    if isinstance(value, dict):
+        return "{" + ", ".join(map(str, value)) + "}"
+    text = str(value).replace("\n", " ")
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_types(cfg: Any, defaults: Any, prefix: str = "") -> None:
+    """Every value whose default is a bool/number/list/mapping must keep that kind."""
+    from omegaconf import DictConfig
+
+    if not isinstance(cfg, DictConfig) or not isinstance(defaults, DictConfig):
+        return
+    for key in cfg.keys():
+        if key == "hydra" or key not in defaults:
+            continue
+        full = f"{prefix}{key}"
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_interpolation(cfg, key) or OmegaConf.is_interpolation(defaults, key):
+            continue  # resolved later
+        try:
+            kv, kd = _kind(cfg[key]), _kind(defaults[key])
+        except Exception:  # noqa: BLE001
+            continue
+        if kd in ("none",) or kv == "none" or kd not in _ALLOWED:
+            continue
+        if kv not in _ALLOWED[kd]:
+            raise OverrideError(f"{full}={_show(cfg[key])}: expected {_EXPECT[kd]} (default {_show(defaults[key])})")
+        if kd == "dict":
+            check_types(cfg[key], defaults[key], f"{full}.")
+
+
+def _target_callable(path: str):
+    module, _, name = str(path).rpartition(".")
+    obj = importlib.import_module(module)
+    return getattr(obj, name)
+
+
+def _simple_kinds(annotation: Any) -> set[str] | None:
+    """{'int', 'float', ...} for plain scalar annotations (and their Optionals), else None."""
+    names = {int: "int", float: "float", bool: "bool", str: "str", type(None): "none"}
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (annotation,)
+    kinds = set()
+    for a in args:
+        if a not in names:
+            return None
+        kinds.add(names[a])
+    return kinds
+
+
+def check_targets(cfg: Any, prefix: str = "") -> None:
+    """Keys of every ``_target_`` node must be parameters of the target (unless it takes **kwargs),
+    with the right scalar type where the parameter is annotated int/float/bool/str."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(cfg, ListConfig):
+        for i, item in enumerate(cfg):
+            check_targets(item, f"{prefix}{i}.")
+        return
+    if not isinstance(cfg, DictConfig):
+        return
+    target = cfg.get("_target_") if "_target_" in cfg else None
+    if target is not None:
+        try:
+            fn = _target_callable(target)
+            sig = inspect.signature(fn)
+            hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
+        except Exception:  # noqa: BLE001 - an unimportable target is reported by the run itself
+            sig, hints = None, {}
+        if sig is not None:
+            params = {n: p for n, p in sig.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+            open_kwargs = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+            where = prefix.rstrip(".") or "config"
+            for key in cfg.keys():
+                key = str(key)
+                if key.startswith("_") and key.endswith("_"):
+                    continue
+                if key not in params:
+                    if not open_kwargs:
+                        valid = ", ".join(params)
+                        raise OverrideError(f"unknown parameter {key!r} of {where} ({target}); {_suggest(key, params)}valid: {valid}")
+                    continue
+                kinds = _simple_kinds(hints.get(key))
+                if not kinds:
+                    continue
+                if OmegaConf.is_interpolation(cfg, key):
+                    continue
+                raw = cfg[key]
+                got = _kind(raw)
+                ok = got in kinds or (got == "int" and "float" in kinds) or (got == "none" and "none" in kinds)
+                if not ok:
+                    want = " or ".join(sorted(_EXPECT.get(k, k) if k != "none" else "null" for k in kinds))
+                    raise OverrideError(f"{prefix}{key}={_show(raw)}: expected {want} ({target} parameter {key!r})")
+    for key in cfg.keys():
+        if key == "hydra":
+            continue
+        try:
+            child = cfg._get_node(key)  # noqa: SLF001
+        except Exception:  # noqa: BLE001
+            continue
+        if isinstance(child, (DictConfig, ListConfig)):
+            check_targets(child, f"{prefix}{key}.")
+
+
+def _translate(exc: BaseException, variant: Sequence[str], config_dir: str, compose) -> OverrideError | None:
+    """Hydra's composition errors → one line with the valid choices (None: not an override error)."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from omegaconf import DictConfig
+
+    if isinstance(exc, MissingConfigException):
+        missing = str(exc.missing_cfg_file or "")
+        group, _, option = missing.rpartition("/")
+        options = list(exc.options or (_options(config_dir, group) if group else []))
+        if group and option:
+            given = next((o for o in variant if o.lstrip("+~").split("=", 1)[0] == group), f"{group}={option}")
+            return OverrideError(f"unknown {group} {option!r} ({given}); {_suggest(option, options)}choose one of: {', '.join(options)}")
+        first = str(exc).strip().splitlines()[0]
+        return OverrideError(first)
+    if isinstance(exc, OverrideParseException):
+        first = str(exc).strip().splitlines()[0]
+        return OverrideError(f"cannot parse the overrides: {first}")
+    if isinstance(exc, ConfigCompositionException):
+        msg = str(exc).strip().splitlines()
+        cause = exc.__cause__
+        full_key = getattr(cause, "full_key", None) if cause is not None else None
+        if msg and msg[0].startswith("Could not override") and full_key:
+            parent_key, _, leaf = str(full_key).rpartition(".")
+            base = _defaults_for(variant, config_dir, compose)
+            node = base
+            for part in parent_key.split(".") if parent_key else []:
+                node = node.get(part) if isinstance(node, DictConfig) else None
+            if isinstance(node, DictConfig):
+                keys = [str(k) for k in node.keys() if k != "hydra"]
+                if not parent_key:
+                    keys = sorted(set(keys) | set(_groups(config_dir)))
+                where = f"under {parent_key!r}" if parent_key else "at the top level"
+                return OverrideError(f"unknown config key {full_key!r}; {_suggest(leaf, keys)}valid keys {where}: "
+                                     f"{', '.join(keys)} (use +{full_key}=... to add a new key)")
+            return OverrideError(f"unknown config key {full_key!r} (use +{full_key}=... to add a new key)")
+        first = " ".join(line.strip() for line in msg[:2])
+        if cause is not None:
+            first += f" ({str(cause).strip().splitlines()[0]})"
+        return OverrideError(first)
+    return None
+
+
+def check_overrides(overrides: Sequence[str], config_name: str = "config", config_dir: str = CONFIG_DIR) -> None:
+    """Compose every variant of ``overrides``; raise :class:`OverrideError` (one line) on a bad one.
+
+    Hydra override errors and values of the wrong type are reported; every other problem is
+    left for the run itself (and for Hydra) to report.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import OverrideParseException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            def compose(ovs):
+                return hydra_compose(config_name, overrides=list(ovs))
+
+            compose.cache = {}
+            try:
+                variants = _variants(overrides)
+            except OverrideParseException as exc:
+                raise _translate(exc, overrides, config_dir, compose) from None
+            for variant in variants:
+                try:
+                    cfg = compose(variant)
+                except Exception as exc:  # noqa: BLE001
+                    err = _translate(exc, variant, config_dir, compose)
+                    if err is None:
+                        return
+                    raise err from None
+                check_types(cfg, _defaults_for(variant, config_dir, compose))
+                check_targets(cfg)
+    finally:
+        GlobalHydra.instance().clear()

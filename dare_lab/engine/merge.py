@@ -19,6 +19,7 @@ import torch
 from dare_lab.engine.plan import TensorPlan, plan_merge
 from dare_lab.engine.scope import Scope
 from dare_lab.engine.sources import CheckpointReader, StateDictSource, TensorSource
+from dare_lab.engine.validate import validate_pool
 from dare_lab.engine.writer import AtomicDir, ShardedSafetensorsWriter
 from dare_lab.ops.method import MergeMethod
 
@@ -144,6 +145,7 @@ def merge_models(
     srcs = {str(m): _open(ref, str(m)) for m, ref in models.items()}
     check_architectures(base_src, srcs)
     plans = plan_merge(base_src, srcs, scope, vocab_policy)
+    validate_pool(base_src, srcs, plans)  # file layouts and dtypes, before any heavy work
     started = time.perf_counter()
     work = lambda p: _merge_one(p, base_src, srcs, method, dtype, out_dtype)  # noqa: E731
     iterator = _ordered(plans, work, threads)

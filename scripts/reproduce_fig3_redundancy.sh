@@ -23,8 +23,9 @@ export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_
 PY="${PYTHON:-python}"
 if [[ "${1:-}" == "--fast" ]]; then
   shift
-  POOL=(modelpool=tiny_bert taskpool=none 'analysis.drop_rates=[0.0,0.5,0.9]' 'analysis.seeds=[0,1]')
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # tiny models: threads only add overhead
+  POOL=(modelpool=tiny_bert taskpool=none 'analysis.drop_rates=[0.0,0.5,0.9]' 'analysis.seeds=[0,1]' '+analysis.fidelity={n: 8}')
 else
-  POOL=(modelpool="${DARE_LAB_DEMO_MODELPOOL:-encoder_demo}" taskpool="${DARE_LAB_DEMO_TASKPOOL:-encoder_demo}")
+  POOL=(modelpool="${DARE_LAB_DEMO_MODELPOOL:-encoder_demo}" taskpool="${DARE_LAB_DEMO_TASKPOOL:-demo}")
 fi
 exec "$PY" -m dare_lab.cli +experiment=fig3_redundancy "${POOL[@]}" "$@"

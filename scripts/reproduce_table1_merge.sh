@@ -24,9 +24,10 @@ export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_
 PY="${PYTHON:-python}"
 if [[ "${1:-}" == "--fast" ]]; then
   shift
-  POOL=(modelpool=tiny_bert taskpool=none '+taskpool._target_=dare_lab.analysis.fidelity.FidelityTaskPool')
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # tiny models: threads only add overhead
+  POOL=(modelpool=tiny_bert taskpool=none '+taskpool._target_=dare_lab.analysis.fidelity.FidelityTaskPool' +taskpool.n=8)
 else
-  POOL=(modelpool="${DARE_LAB_DEMO_MODELPOOL:-encoder_demo}" taskpool="${DARE_LAB_DEMO_TASKPOOL:-encoder_demo}")
+  POOL=(modelpool="${DARE_LAB_DEMO_MODELPOOL:-encoder_demo}" taskpool="${DARE_LAB_DEMO_TASKPOOL:-demo}")
 fi
 METHODS="${METHODS:-task_arithmetic,dare_task_arithmetic,ties,dare_ties}"
 STAMP="$(date +%Y-%m-%d_%H-%M-%S)-$$"

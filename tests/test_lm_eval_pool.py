@@ -14,6 +14,15 @@ ROWS = [{"question": f"what is {a} plus {b}?", "choices": [str(a + b), str(a + b
         for a in range(4) for b in range(3)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a busy 2-core box torch's default threads are ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lmeval")

@@ -133,7 +133,8 @@ class LMEvalTaskPool:
     def __init__(self, tasks: Any = "open_llm_leaderboard", num_fewshot: int | None = None, *, limit: int | float | None = None,
                  backend: str | Mapping = "hf", include_path: str | Sequence[str] | None = None, include_defaults: bool = True,
                  apply_chat_template: bool = False, gen_kwargs: str | dict | None = None, bootstrap_iters: int = 0,
-                 tokenizer: str | None = None, output_dir: str | None = None, seed: int = 0, name: str = "lm_eval") -> None:
+                 tokenizer: str | None = None, output_dir: str | None = None, seed: int = 0, num_threads: int | None = None,
+                 name: str = "lm_eval") -> None:
         self.tasks = expand_tasks(tasks, num_fewshot)
         spec = _plain(backend)
         spec = {"name": spec} if isinstance(spec, str) else dict(spec or {})
@@ -151,6 +152,7 @@ class LMEvalTaskPool:
                      "apply_chat_template": apply_chat_template, "gen_kwargs": _plain(gen_kwargs),
                      "bootstrap_iters": bootstrap_iters, "seed": seed}
         self.tokenizer, self.output_dir, self.name = tokenizer, output_dir, name
+        self.num_threads = num_threads  # CPU intra-op threads during evaluation (None: torch's default)
 
     def _groups(self) -> dict[Any, list[str]]:
         groups: dict[Any, list[str]] = {}
@@ -183,7 +185,13 @@ class LMEvalTaskPool:
     def evaluate(self, model_dir: Any, pool: ModelPool | None = None) -> dict[str, float]:
         groups = self._groups()
         if self.backend_name == "hf":
-            metrics = _run(self._hf_lm(model_dir, pool), groups, self.opts)
+            before = torch.get_num_threads()
+            if self.num_threads:
+                torch.set_num_threads(int(self.num_threads))
+            try:
+                metrics = _run(self._hf_lm(model_dir, pool), groups, self.opts)
+            finally:
+                torch.set_num_threads(before)
         else:
             if isinstance(model_dir, torch.nn.Module):
                 raise TypeError("lm-eval vLLM backend needs a model directory, got an in-memory model; use backend hf")

@@ -77,12 +77,16 @@ class HFBackend:
     name = "hf"
 
     def __init__(self, model: Any, tokenizer: Any = None, *, batch_size: int = 8, dtype: str | torch.dtype | None = "float32",
-                 device: str | None = None, max_input_tokens: int | None = None, trust_remote_code: bool = False) -> None:
+                 device: str | None = None, max_input_tokens: int | None = None, trust_remote_code: bool = False,
+                 num_threads: int | None = None) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size, self.max_input_tokens = int(batch_size), max_input_tokens
+        if num_threads is not None and int(num_threads) < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        self.num_threads = num_threads  # CPU intra-op threads while generating (1 is fastest on a busy box)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if isinstance(model, (str, os.PathLike)):
             path = str(model)
@@ -109,8 +113,18 @@ class HFBackend:
             self.tokenizer.pad_token = fallback
         self.model.eval()
 
-    @torch.inference_mode()
     def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = ()) -> list[str]:
+        if self.num_threads is None:
+            return self._generate(prompts, max_new_tokens, stop)
+        before = torch.get_num_threads()
+        torch.set_num_threads(int(self.num_threads))
+        try:
+            return self._generate(prompts, max_new_tokens, stop)
+        finally:
+            torch.set_num_threads(before)
+
+    @torch.inference_mode()
+    def _generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = ()) -> list[str]:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         prompts = list(prompts)

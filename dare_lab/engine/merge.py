@@ -7,21 +7,23 @@ output shard is buffered (see ``writer``), input files are opened per tensor.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
 
 from dare_lab.engine.plan import TensorPlan, plan_merge
 from dare_lab.engine.scope import Scope
-from dare_lab.engine.sources import CheckpointReader, StateDictSource, TensorSource
+from dare_lab.engine.sources import CheckpointReader, ChunkReader, StateDictSource, TensorSource
 from dare_lab.engine.validate import validate_pool
 from dare_lab.engine.writer import AtomicDir, ShardedSafetensorsWriter
 from dare_lab.ops.method import MergeMethod
+from dare_lab.ops.streamed import CHUNK, NonFiniteChunk, StreamedMerge, workspace
 
 _COPY_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")
 _SKIP_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "dare_lab_merge.json")
@@ -44,9 +46,14 @@ def as_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[key]
 
 
-def _merge_one(plan: TensorPlan, base: TensorSource, models: Mapping[str, TensorSource], method: MergeMethod,
-               dtype: torch.dtype, out_dtype: torch.dtype | None) -> torch.Tensor:
-    target = out_dtype if (out_dtype is not None and plan.base_dtype.is_floating_point) else plan.base_dtype
+def _target_dtype(plan: TensorPlan, out_dtype: torch.dtype | None) -> torch.dtype:
+    return out_dtype if (out_dtype is not None and plan.base_dtype.is_floating_point) else plan.base_dtype
+
+
+def _merge_one_reference(plan: TensorPlan, base: TensorSource, models: Mapping[str, TensorSource], method: MergeMethod,
+                         dtype: torch.dtype, out_dtype: torch.dtype | None) -> torch.Tensor:
+    """The whole-tensor path: load every input tensor, ``method.merge_tensor``, cast."""
+    target = _target_dtype(plan, out_dtype)
     if not plan.merge:
         t = base.get(plan.name)
         if t.is_floating_point() and not torch.isfinite(t).all():
@@ -69,21 +76,122 @@ def _merge_one(plan: TensorPlan, base: TensorSource, models: Mapping[str, Tensor
     return merged.to(target)
 
 
-def _ordered(plans: list[TensorPlan], work: Callable[[TensorPlan], torch.Tensor], threads: int) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
-    """Run ``work`` over plans with at most ``threads`` in flight, yielding in plan order."""
+# Streamed fast path (``dare_lab.ops.streamed``); tests switch it off to compare with the reference.
+_FAST = True
+_CHUNK = None   # entries per chunk (None: dare_lab.ops.streamed.CHUNK); tests shrink it
+
+
+def _chunk_reader(src: TensorSource, name: str, key: str):
+    if hasattr(src, "chunk_reader"):
+        return src.chunk_reader(name, key)
+    return ChunkReader.of_tensor(src.get(name))
+
+
+def _merge_one(plan: TensorPlan, base: TensorSource, models: Mapping[str, TensorSource], method: MergeMethod,
+               dtype: torch.dtype, out_dtype: torch.dtype | None,
+               writer: ShardedSafetensorsWriter | None = None) -> torch.Tensor | None:
+    """Merge one tensor; with ``writer`` it is written (returns None), else returned.
+
+    Merged tensors stream chunk by chunk through :class:`StreamedMerge` (inputs ``pread`` per
+    chunk, output chunks ``pwrite``-n in place); a NaN/Inf anywhere sends the tensor back through
+    :func:`_merge_one_reference`, which raises the documented error.
+    """
+    if not (_FAST and plan.merge):
+        t = _merge_one_reference(plan, base, models, method, dtype, out_dtype)
+        if writer is None:
+            return t
+        writer.write(plan.name, t)
+        return None
+    target = _target_dtype(plan, out_dtype)
+    n = math.prod(plan.shape)
+    names = list(plan.sources)
+    readers = [_chunk_reader(base, plan.name, "in_base")]
+    try:
+        readers += [_chunk_reader(models[m], plan.sources[m], f"in_{i}") for i, m in enumerate(names)]
+        job = StreamedMerge(method, plan.name, n, names, readers[0], readers[1:], dtype, _CHUNK or CHUNK)
+        if writer is not None and not job.needs_patches:
+            def emit(s: int, chunk: torch.Tensor) -> None:
+                out = workspace("out", job.chunk, target)[: chunk.numel()].copy_(chunk)
+                writer.write_range(plan.name, s, out)
+            try:
+                job.run(emit)
+            except NonFiniteChunk:
+                writer.write(plan.name, _merge_one_reference(plan, base, models, method, dtype, out_dtype))
+                return None
+            writer.done(plan.name)
+            return None
+        result = torch.empty(n, dtype=target)
+
+        def emit_mem(s: int, chunk: torch.Tensor) -> None:
+            result[s: s + chunk.numel()].copy_(chunk)
+
+        def patch(idx: torch.Tensor, vals: torch.Tensor) -> None:
+            result[idx] = vals.to(target)
+
+        try:
+            job.run(emit_mem, patch)
+            result = result.view(plan.shape)
+        except NonFiniteChunk:
+            result = _merge_one_reference(plan, base, models, method, dtype, out_dtype)
+    finally:
+        for r in readers:
+            r.close()
+    if writer is None:
+        return result
+    writer.write(plan.name, result)
+    return None
+
+
+def _run_all(plans: list[TensorPlan], work: Callable[[TensorPlan], torch.Tensor | None], threads: int,
+             tick: Callable[[], None] | None = None) -> list[torch.Tensor | None]:
+    """Run ``work`` over all plans on ``threads`` threads; results in plan order.
+
+    Tensors start largest first (so no thread is left with a big one at the end); after a
+    failure nothing new starts and the error of the first failing tensor in plan order is raised.
+    """
+    results: list[torch.Tensor | None] = [None] * len(plans)
     if threads <= 1:
-        for p in plans:
-            yield p, work(p)
-        return
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        inflight: list[tuple[TensorPlan, Future]] = []
-        for p in plans:
-            inflight.append((p, pool.submit(work, p)))
-            if len(inflight) >= threads:
-                q, fut = inflight.pop(0)
-                yield q, fut.result()
-        for q, fut in inflight:
-            yield q, fut.result()
+        for i, p in enumerate(plans):
+            results[i] = work(p)
+            if tick:
+                tick()
+        return results
+    order = sorted(range(len(plans)), key=lambda i: -math.prod(plans[i].shape))
+    errors: dict[int, BaseException] = {}
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dare-lab-merge") as pool:
+        futures = {pool.submit(work, plans[i]): i for i in order}
+        for fut in as_completed(futures):
+            if fut.cancelled():
+                continue
+            i = futures[fut]
+            exc = fut.exception()
+            if exc is not None:
+                errors[i] = exc
+                for other in futures:
+                    other.cancel()
+                continue
+            results[i] = fut.result()
+            if tick:
+                tick()
+    if errors:
+        raise errors[min(errors)]
+    return results
+
+
+class _TorchThreads:
+    """One intra-op torch thread per merge worker while merging (restored afterwards)."""
+
+    def __init__(self, workers: int):
+        self.workers, self.saved = workers, None
+
+    def __enter__(self) -> None:
+        if self.workers > 1:
+            self.saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc) -> None:
+        if self.saved is not None:
+            torch.set_num_threads(self.saved)
 
 
 def _open(ref: str | os.PathLike | TensorSource, label: str) -> TensorSource:
@@ -147,31 +255,37 @@ def merge_models(
     plans = plan_merge(base_src, srcs, scope, vocab_policy)
     validate_pool(base_src, srcs, plans)  # file layouts and dtypes, before any heavy work
     started = time.perf_counter()
-    work = lambda p: _merge_one(p, base_src, srcs, method, dtype, out_dtype)  # noqa: E731
-    iterator = _ordered(plans, work, threads)
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(iterator, total=len(plans), desc="merge", unit="tensor")
-    if out_dir is None:
-        return {p.name: t for p, t in iterator}
-    entries = []
-    for p in plans:
-        target = out_dtype if (out_dtype is not None and p.base_dtype.is_floating_point) else p.base_dtype
-        entries.append((p.name, p.shape, target))
-    atomic = AtomicDir(out_dir, overwrite=overwrite)
-    with atomic as tmp:
-        writer = ShardedSafetensorsWriter(tmp, entries, max_shard_size)
-        for p, t in iterator:
-            writer.write(p.name, t)
-        writer.finish()
-        base_dir = getattr(base_src, "path", None)
-        if base_dir is not None:
-            _copy_model_files(Path(base_dir), tmp, out_dtype)
-        meta = _metadata(method, base_src, srcs, scope, dtype, out_dtype, plans, time.perf_counter() - started)
-        (tmp / "dare_lab_merge.json").write_text(json.dumps(meta, indent=2, default=str))
-        (tmp / "README.md").write_text(model_card(meta))
-        return atomic.commit()
+        bar = tqdm(total=len(plans), desc="merge", unit="tensor")
+    tick = bar.update if bar is not None else None
+    try:
+        if out_dir is None:
+            with _TorchThreads(threads):
+                results = _run_all(plans, lambda p: _merge_one(p, base_src, srcs, method, dtype, out_dtype), threads, tick)
+            return {p.name: t for p, t in zip(plans, results)}
+        entries = [(p.name, p.shape, _target_dtype(p, out_dtype)) for p in plans]
+        atomic = AtomicDir(out_dir, overwrite=overwrite)
+        with atomic as tmp:
+            writer = ShardedSafetensorsWriter(tmp, entries, max_shard_size)
+            try:
+                with _TorchThreads(threads):
+                    _run_all(plans, lambda p: _merge_one(p, base_src, srcs, method, dtype, out_dtype, writer), threads, tick)
+                writer.finish()
+            finally:
+                writer.close()
+            base_dir = getattr(base_src, "path", None)
+            if base_dir is not None:
+                _copy_model_files(Path(base_dir), tmp, out_dtype)
+            meta = _metadata(method, base_src, srcs, scope, dtype, out_dtype, plans, time.perf_counter() - started)
+            (tmp / "dare_lab_merge.json").write_text(json.dumps(meta, indent=2, default=str))
+            (tmp / "README.md").write_text(model_card(meta))
+            return atomic.commit()
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def merge_state_dicts(

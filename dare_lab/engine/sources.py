@@ -108,6 +108,7 @@ class CheckpointReader:
         self._file_of: dict[str, Path] = {}
         self._info: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._bin_cache: dict[Path, Mapping[str, torch.Tensor]] = {}
+        self._offset: dict[str, int] = {}
         self._lock = threading.Lock()
         self._index_bytes = b""
         self._scan()
@@ -117,11 +118,14 @@ class CheckpointReader:
         if (p / SAFE_INDEX).exists() or (p / SAFE_SINGLE).exists():
             files = self._files_from(p / SAFE_INDEX, p / SAFE_SINGLE)
             for f in files:
+                with open(f, "rb") as fh:
+                    data_start = 8 + int.from_bytes(fh.read(8), "little")
                 for name, info in _read_safetensors_header(f).items():
                     if info["dtype"] not in SAFE_DTYPES:
                         raise ValueError(f"{f}: tensor {name!r} has unsupported dtype {info['dtype']}")
                     self._file_of[name] = f
                     self._info[name] = (tuple(info["shape"]), SAFE_DTYPES[info["dtype"]])
+                    self._offset[name] = data_start + int(info["data_offsets"][0])
         elif (p / BIN_INDEX).exists() or (p / BIN_SINGLE).exists():
             for f in self._files_from(p / BIN_INDEX, p / BIN_SINGLE):
                 for name, t in self._load_bin(f).items():
@@ -181,6 +185,20 @@ class CheckpointReader:
         """sha256 of the checkpoint's index (or single-file header): identifies the input."""
         return hashlib.sha256(self._index_bytes).hexdigest()
 
+    def locate(self, name: str) -> tuple[Path, int] | None:
+        """(file, byte offset of the data) of a safetensors tensor; None for ``.bin`` files."""
+        if name not in self._offset:
+            return None
+        return self._file_of[name], self._offset[name]
+
+    def chunk_reader(self, name: str, key: str = "in") -> ChunkReader:
+        """Flat-range reader of one tensor: ``pread`` from the file for safetensors (nothing mapped,
+        so the input's pages never count toward this process's RSS), the loaded tensor otherwise."""
+        where = self.locate(name)
+        if where is None:
+            return ChunkReader.of_tensor(self.get(name))
+        return ChunkReader(where[0], where[1], self.dtype(name), key)
+
 
 def _header_bytes(file: Path) -> bytes:
     with open(file, "rb") as fh:
@@ -210,3 +228,56 @@ class StateDictSource:
 
     def fingerprint(self) -> str:
         return "in-memory"
+
+    def chunk_reader(self, name: str, key: str = "in") -> ChunkReader:
+        return ChunkReader.of_tensor(self.get(name))
+
+
+class ChunkReader:
+    """``reader(start, stop)`` → entries [start, stop) of a tensor's flat data, storage dtype.
+
+    File-backed readers ``pread`` into a per-thread buffer (the returned view is valid until
+    the next call with the same key on this thread); in-memory ones return a slice.
+    """
+
+    def __init__(self, file: Path | None, offset: int = 0, dtype: torch.dtype | None = None, key: str = "in",
+                 tensor: torch.Tensor | None = None):
+        self.flat = None if tensor is None else tensor.detach().reshape(-1)
+        self.fd = None
+        if file is not None:
+            self.fd = os.open(file, os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        self.offset, self.dtype, self.key = offset, dtype, key
+        self.itemsize = torch.empty((), dtype=dtype).element_size() if dtype is not None else 0
+
+    @classmethod
+    def of_tensor(cls, tensor: torch.Tensor) -> ChunkReader:
+        return cls(None, tensor=tensor)
+
+    def __call__(self, start: int, stop: int) -> torch.Tensor:
+        if self.flat is not None:
+            return self.flat[start:stop]
+        from dare_lab.ops.streamed import workspace
+
+        buf = workspace(self.key, stop - start, self.dtype)
+        raw = buf.view(torch.uint8).numpy()
+        want, got = raw.nbytes, 0
+        pos = self.offset + start * self.itemsize
+        while got < want:
+            n = os.preadv(self.fd, [raw[got:]], pos + got)
+            if n <= 0:
+                raise OSError(f"short read at byte {pos + got}")
+            got += n
+        return buf
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> ChunkReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

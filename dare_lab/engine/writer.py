@@ -61,6 +61,10 @@ class ShardedSafetensorsWriter:
         self._where: dict[str, tuple[Path, int, int, torch.dtype, tuple[int, ...]]] = {}
         self._pending: set[str] = set()
         self._lock = threading.Lock()
+        self._fds: dict[Path, int] = {}
+        self._dirty: dict[Path, int] = {}
+        self._syncs: list = []
+        self._syncer = None
         for i, shard in enumerate(shards, 1):
             fname = "model.safetensors" if total == 1 else f"model-{i:05d}-of-{total:05d}.safetensors"
             self._write_header(self.dir / fname, shard)
@@ -87,24 +91,70 @@ class ShardedSafetensorsWriter:
             self._pending.add(name)
         self.files.append(file)
 
+    SYNC_EVERY = 256 << 20   # start a background fdatasync of a shard after this many new bytes
+
+    def _fd(self, file: Path) -> int:
+        with self._lock:
+            fd = self._fds.get(file)
+            if fd is None:
+                fd = self._fds[file] = os.open(file, os.O_WRONLY)
+            return fd
+
+    def _pwrite(self, file: Path, data: torch.Tensor, offset: int) -> None:
+        view = memoryview(data.detach().contiguous().view(-1).view(torch.uint8).numpy())
+        fd = self._fd(file)
+        written = 0
+        while written < len(view):
+            written += os.pwrite(fd, view[written:], offset + written)
+        with self._lock:
+            self._dirty[file] = self._dirty.get(file, 0) + len(view)
+            if self._dirty[file] >= self.SYNC_EVERY:
+                # flush written pages while compute goes on, so the final fsync has little left
+                self._dirty[file] = 0
+                if self._syncer is None:
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    self._syncer = ThreadPoolExecutor(1, thread_name_prefix="dare-lab-sync")
+                self._syncs.append(self._syncer.submit(os.fdatasync, fd))
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write a whole tensor at its planned offset (thread-safe; any order)."""
         file, offset, nbytes, dtype, shape = self._where[name]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise ValueError(f"tensor {name!r}: planned {dtype} {shape}, got {tensor.dtype} {tuple(tensor.shape)}")
-        data = tensor.detach().contiguous().view(-1).view(torch.uint8).numpy()
-        fd = os.open(file, os.O_WRONLY)
-        try:
-            view = memoryview(data)
-            written = 0
-            while written < nbytes:
-                written += os.pwrite(fd, view[written:], offset + written)
-        finally:
-            os.close(fd)
+        self._pwrite(file, tensor, offset)
+        self.done(name)
+
+    def write_range(self, name: str, start: int, chunk: torch.Tensor) -> None:
+        """Write flat entries [start, start + len(chunk)) of a tensor; call :meth:`done` after the last."""
+        file, offset, nbytes, dtype, shape = self._where[name]
+        if chunk.dtype != dtype:
+            raise ValueError(f"tensor {name!r}: planned {dtype}, got a chunk of {chunk.dtype}")
+        size = chunk.element_size()
+        if start < 0 or (start + chunk.numel()) * size > nbytes:
+            raise ValueError(f"tensor {name!r}: entries [{start}, {start + chunk.numel()}) are out of range")
+        self._pwrite(file, chunk, offset + start * size)
+
+    def done(self, name: str) -> None:
         with self._lock:
             self._pending.discard(name)
 
+    def close(self) -> None:
+        """Wait for background syncs and close the shard files (idempotent)."""
+        for fut in self._syncs:
+            fut.result()
+        self._syncs = []
+        if self._syncer is not None:
+            self._syncer.shutdown()
+            self._syncer = None
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds = {}
+
     def finish(self) -> dict[str, str]:
         """Check completeness and sizes, write the index (if sharded); returns the weight map."""
+        self.close()
         if self._pending:
             raise RuntimeError(f"output incomplete: {len(self._pending)} tensors never written, e.g. {sorted(self._pending)[0]!r}")
         weight_map = {name: where[0].name for name, where in self._where.items()}

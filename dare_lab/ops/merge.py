@@ -55,8 +55,14 @@ def ties_elect(trimmed: Sequence[torch.Tensor]) -> torch.Tensor:
     for t in trimmed:
         total.add_(t)
     sign = torch.sign(total)
-    majority = torch.sign(sign.sum())
-    return torch.where(sign == 0, majority, sign)
+    return torch.where(sign == 0, majority_sign(sign), sign)
+
+
+def majority_sign(sign: torch.Tensor) -> torch.Tensor:
+    """sign(#positive − #negative) of a tensor of signs, counted exactly in int64 (a float32
+    sum of ±1 loses exactness past 2²⁴ entries); a 0-dim tensor of ``sign``'s dtype."""
+    balance = int((sign > 0).sum()) - int((sign < 0).sum())
+    return torch.tensor(float((balance > 0) - (balance < 0)), dtype=sign.dtype, device=sign.device)
 
 
 def ties_disjoint_merge(trimmed: Sequence[torch.Tensor], sign: torch.Tensor, merge_func: str = "mean",

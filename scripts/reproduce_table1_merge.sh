@@ -9,11 +9,10 @@
 #   --fast     a tiny random BERT pool and the label-free fidelity taskpool, few points
 #              (seconds; what the tests run).
 #   The paper's models (GPU + internet; any HF id or local dir works):
-#     HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0 scripts/reproduce_table1_merge.sh modelpool=custom modelpool.base=meta-llama/Llama-2-13b-hf \
-#       '+modelpool.models={lm: WizardLM/WizardLM-13B-V1.2, math: WizardLM/WizardMath-13B-V1.0, code: layoric/llama-2-13b-code-alpaca}' \
-#       taskpool=<a generation taskpool from configs/taskpool, e.g. gsm8k>
+#     HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0 scripts/reproduce_table1_merge.sh modelpool=wizard_llama2_13b \
+#       engine.vocab_policy=truncate taskpool=gsm8k   # WizardLM/WizardMath/code-alpaca on Llama-2-13b; or alpacaeval, humaneval, mbpp
 #     HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0 scripts/reproduce_table1_merge.sh modelpool=custom modelpool.base=bert-base-uncased \
-#       '+modelpool.models={sst2: <your bert-base-uncased fine-tuned on SST-2>, ...}' taskpool=<glue taskpool>
+#       '+modelpool.models={sst2: <your bert-base-uncased fine-tuned on SST-2>, ...}' taskpool=glue
 # Results: one Hydra job per method under results/sweeps/table1_merge/<time>/, joined into
 # summary.csv|md there; the script copies the joined table and a bar chart to
 # results/table1_merge/<time>/. Methods: METHODS=task_arithmetic,dare_task_arithmetic,ties,dare_ties.

@@ -59,3 +59,19 @@ def test_batching_does_not_change_the_result(tiny_pool):
     for a, b in zip(one, many):
         assert a["layer"] == b["layer"] and a["n_tokens"] == b["n_tokens"]
         assert a["mean_cos"] == pytest.approx(b["mean_cos"], abs=1e-5)
+
+
+def test_decoder_similarity_and_fidelity(tmp_path):
+    from dare_lab.analysis.fidelity import FidelityTaskPool
+    from dare_lab.analysis.redundancy import redundancy_curves
+
+    pool = make_tiny_pool(tmp_path, "llama", n_models=1, seed=0)
+    rows, _ = embedding_similarity(pool, "ft0", CORPUS[:6], methods=["drop_only"], drop_rates=[0.0, 0.9], seeds=[0],
+                                   batch_size=3, log=None)
+    p0 = [r["mean_cos"] for r in rows if r["p"] == 0.0]
+    p9 = [r["mean_cos"] for r in rows if r["p"] == 0.9]
+    assert p0 == [1.0, 1.0, 1.0] and all(x < 1.0 for x in p9[1:])
+    curves = redundancy_curves(pool, FidelityTaskPool(n=6), methods=["dare"], drop_rates=[0.0, 0.5], seeds=[0], log=None)
+    by = {(r["metric"], r["p"]): r["value"] for r in curves}
+    assert by[("ft0/agreement", 0.0)] == 1.0 and by[("ft0/logit_cos", 0.0)] == pytest.approx(1.0, abs=1e-6)
+    assert 0.0 <= by[("ft0/agreement", 0.5)] <= 1.0

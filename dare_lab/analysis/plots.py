@@ -96,22 +96,34 @@ def layer_similarity_plot(path: str | Path, layers: Sequence[int], curves: Mappi
 
 
 def histogram_plot(path: str | Path, edges: Sequence[float], counts: Mapping[str, Sequence[float]], title: str,
-                   xlabel: str, logx: bool = False, logy: bool = False) -> Path:
-    """Overlaid step histograms from precomputed (streamed) bin counts, normalised to density."""
+                   xlabel: str, logx: bool = False, logy: bool = False, share: bool = False) -> Path:
+    """Overlaid step histograms from precomputed (streamed) bin counts.
+
+    Normalised to a density, or with ``share`` to the fraction of entries per bin (right for
+    log-spaced bins, where a density would inflate the narrow bins). The x range is cropped to
+    the occupied bins.
+    """
     fig = _figure()
     ax = fig.add_subplot(111)
     e = np.asarray(edges, float)
+    occupied = np.zeros(len(e) - 1, dtype=bool)
     for label, c in counts.items():
         c = np.asarray(c, float)
         total = c.sum()
-        dens = c / (total * np.diff(e)) if total > 0 else c
-        ax.stairs(dens, e, label=str(label))
+        occupied |= c > 0
+        if total > 0:
+            c = c / total if share else c / (total * np.diff(e))
+        ax.stairs(c, e, label=str(label))
+    if occupied.any():
+        idx = np.flatnonzero(occupied)
+        lo, hi = e[max(idx[0] - 1, 0)], e[min(idx[-1] + 2, len(e) - 1)]
+        ax.set_xlim(lo, hi)
     if logx:
         ax.set_xscale("log")
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("density")
+    ax.set_ylabel("share of entries per bin" if share else "density")
     ax.set_title(title, fontsize=10)
     if len(counts) > 1:
         ax.legend(fontsize=7)

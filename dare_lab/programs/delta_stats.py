@@ -42,7 +42,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     md = tr.table("table6_deltas", deciles)
     tr.table("delta_overview", overview)
     path = histogram_plot(tr.plot_path("delta_abs_hist"), D.LOG_EDGES[1:], {k: h[1:] for k, h in hists.items()},
-                          "|δ| = |θ_SFT − θ_PRE| (all in-scope entries)", "|δ|", logx=True)
+                          "|δ| = |θ_SFT − θ_PRE| (all in-scope entries)", "|δ|", logx=True, share=True)
     tr.image("delta_abs_hist", path)
     print_table("delta parameter deciles (Table 6 format)", md)
     print("\n".join(verdicts))

@@ -135,3 +135,30 @@ def test_tracker_configs_compose(tmp_path):
             t = instantiate(cfg.tracker)
             assert isinstance(t, cls)
             assert cfg.program == "dare_lab.programs.redundancy:run"
+
+
+def test_program_with_wandb_offline_and_with_null_tracker(tmp_path, no_network, monkeypatch):
+    """An analysis program under tracker=wandb (offline) logs to W&B and keeps local results;
+    under a NullTracker it still writes complete local results."""
+    from hydra import compose, initialize_config_dir
+
+    from dare_lab.programs import delta_stats
+
+    monkeypatch.setenv("DARE_LAB_RESULTS", str(tmp_path / "results"))
+    cfg_dir = str(Path(__file__).resolve().parents[1] / "configs")
+    with initialize_config_dir(config_dir=cfg_dir, version_base="1.3"):
+        for tracker, run in (("wandb", "wb"), ("none", "quiet")):
+            extra = ["tracker.mode=offline"] if tracker == "wandb" else ["+tracker._target_=dare_lab.tracking.NullTracker"]
+            cfg = compose("config", overrides=["+experiment=table6_delta_ranges", f"tracker={tracker}", *extra,
+                                               f"cache_dir={tmp_path / 'cache'}", f"run_name={run}", "analysis.fraction=1.0"])
+            metrics = delta_stats.run(cfg)
+            local = tmp_path / "results" / "table6_delta_ranges" / run
+            assert metrics["results_dir"] == str(local)
+            rows = read_csv(local / "tables" / "table6_deltas.csv")
+            assert [r["model"] for r in rows] == ["ft0", "ft1"]
+            assert (local / "plots" / "delta_abs_hist.png").read_bytes()[:4] == b"\x89PNG"
+            assert json.loads((local / "metrics.json").read_text())["ft0/n_total"] > 0
+            assert tracking.current() is None
+    runs = list((tmp_path / "results" / "table6_delta_ranges" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("files/media/table/table6_deltas_*.table.json"))
+    assert list(runs[0].glob("files/media/images/delta_abs_hist_*.png"))

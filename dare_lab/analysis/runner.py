@@ -59,14 +59,18 @@ class TrackedRun:
         run_name = cfg.get("run_name") if hasattr(cfg, "get") else None
         if self.owned:
             self.tracker = tracking.from_config(cfg, run_name=run_name)
-        self.local = self.tracker if self.tracker.run_dir is not None else None
-        if self.local is None:  # e.g. a NullTracker: still keep local results
-            self.local = tracking.activate(tracking.LocalTracker())
+        self.tracker._ensure()
+        own_local = self.tracker if isinstance(self.tracker, tracking.LocalTracker) else getattr(self.tracker, "local", None)
+        self.mirror = not (isinstance(own_local, tracking.LocalTracker) and own_local.run_dir is not None)
+        if self.mirror:  # e.g. a NullTracker or W&B without local mirror: still keep local results
+            self.local = tracking.LocalTracker()
             self.local.start(tracking.experiment_name(cfg), run_name, OmegaConf.to_container(cfg, resolve=True))
+        else:
+            self.local = own_local
         self.dir: Path = self.local.run_dir
 
     def trackers(self):
-        return [self.tracker] if self.local is self.tracker else [self.tracker, self.local]
+        return [self.tracker, self.local] if self.mirror else [self.tracker]
 
     def table(self, name: str, rows, columns=None) -> Path:
         for t in self.trackers():
@@ -87,7 +91,7 @@ class TrackedRun:
         if self.owned:
             self.tracker.log_metrics(nums)
             self.tracker.finish()
-        if self.local is not self.tracker:
+        if self.mirror:
             self.local.log_metrics(nums)
             self.local.finish()
 

@@ -45,27 +45,33 @@ def _suggest(word: str, choices: Iterable[str]) -> str:
     return f"did you mean {close[0]!r}? " if close else ""
 
 
-def _variants(overrides: Sequence[str]) -> list[list[str]]:
-    """The override lists to compose: first value of every sweep, then each other value once."""
+def _variants(overrides: Sequence[str], groups: set[str]) -> tuple[list[list[str]], list[tuple[str, bool, Any]]]:
+    """What to check: override lists to compose (first value of every sweep, then each other
+    choice of a config-group sweep once) and the other values of plain-key sweeps
+    (key, is_add, value), checked against the first composition without composing again."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     firsts: list[str] = []
     alternatives: list[tuple[int, str]] = []
+    values: list[tuple[str, bool, Any]] = []
     for i, o in enumerate(parsed):
         if not o.is_sweep_override():
             firsts.append(o.input_line)
             continue
         prefix = o.input_line[: len(o.input_line) - len(o.input_line.lstrip("+~"))]
-        values = list(o.sweep_string_iterator())
-        if not values:
+        strings = list(o.sweep_string_iterator())
+        if not strings:
             raise OverrideError(f"sweep override {o.input_line!r} has no values")
-        firsts.append(f"{prefix}{o.key_or_group}={values[0]}")
-        alternatives += [(i, f"{prefix}{o.key_or_group}={v}") for v in values[1:]]
+        firsts.append(f"{prefix}{o.key_or_group}={strings[0]}")
+        if o.key_or_group in groups or o.key_or_group.startswith("hydra"):
+            alternatives += [(i, f"{prefix}{o.key_or_group}={v}") for v in strings[1:]]
+        else:
+            values += [(o.key_or_group, o.is_add(), v) for v in list(o.sweep_iterator())[1:]]
     out = [firsts]
     for i, line in alternatives[: _MAX_VARIANTS - 1]:
         out.append([*firsts[:i], line, *firsts[i + 1:]])
-    return out
+    return out, values[: 4 * _MAX_VARIANTS]
 
 
 def _defaults_for(variant: Sequence[str], config_dir: str, compose) -> Any:
@@ -269,6 +275,7 @@ def check_overrides(overrides: Sequence[str], config_name: str = "config", confi
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import OverrideParseException
+    from omegaconf import OmegaConf
 
     GlobalHydra.instance().clear()
     try:
@@ -278,10 +285,10 @@ def check_overrides(overrides: Sequence[str], config_name: str = "config", confi
 
             compose.cache = {}
             try:
-                variants = _variants(overrides)
+                variants, values = _variants(overrides, set(_groups(config_dir)))
             except OverrideParseException as exc:
                 raise _translate(exc, overrides, config_dir, compose) from None
-            for variant in variants:
+            for n, variant in enumerate(variants):
                 try:
                     cfg = compose(variant)
                 except Exception as exc:  # noqa: BLE001
@@ -289,7 +296,14 @@ def check_overrides(overrides: Sequence[str], config_name: str = "config", confi
                     if err is None:
                         return
                     raise err from None
-                check_types(cfg, _defaults_for(variant, config_dir, compose))
+                defaults = _defaults_for(variant, config_dir, compose)
+                check_types(cfg, defaults)
                 check_targets(cfg)
+                if n == 0:
+                    for key, is_add, value in values:  # the other values of plain-key sweeps
+                        other = cfg.copy()
+                        OmegaConf.update(other, key, value, merge=False, force_add=is_add)
+                        check_types(other, defaults)
+                        check_targets(other)
     finally:
         GlobalHydra.instance().clear()

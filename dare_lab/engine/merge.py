@@ -179,15 +179,18 @@ def _run_all(plans: list[TensorPlan], work: Callable[[TensorPlan], torch.Tensor 
 
 
 class _TorchThreads:
-    """One intra-op torch thread per merge worker while merging (restored afterwards)."""
+    """One intra-op torch thread per merge worker while merging (restored afterwards).
+
+    The workers are the parallelism: chunk-sized ops gain nothing from OpenMP, and its
+    barriers stall badly when the cores are shared (measured: 10x slower under load).
+    """
 
     def __init__(self, workers: int):
         self.workers, self.saved = workers, None
 
     def __enter__(self) -> None:
-        if self.workers > 1:
-            self.saved = torch.get_num_threads()
-            torch.set_num_threads(1)
+        self.saved = torch.get_num_threads()
+        torch.set_num_threads(1)
 
     def __exit__(self, *exc) -> None:
         if self.saved is not None:
@@ -320,11 +323,15 @@ def _copy_model_files(base_dir: Path, out: Path, out_dtype: torch.dtype | None) 
 
 
 def _versions() -> dict[str, str]:
-    import transformers
+    from importlib.metadata import PackageNotFoundError, version
 
     import dare_lab
 
-    return {"dare_lab": dare_lab.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        tf = version("transformers")  # not ``import transformers``: that alone costs seconds
+    except PackageNotFoundError:
+        tf = "not installed"
+    return {"dare_lab": dare_lab.__version__, "torch": torch.__version__, "transformers": tf}
 
 
 def _metadata(method: MergeMethod, base: TensorSource, models: Mapping[str, TensorSource], scope: Scope,

@@ -158,7 +158,7 @@ def kth_largest(a: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     if n <= 1 << 16:
         thr = torch.kthvalue(a, n - k + 1).values
         return thr, int((a > thr).sum())
-    m = 1 << 14
+    m = min(1 << 16, n // 8)
     g = torch.Generator(device=a.device).manual_seed(n ^ 0x5EED)
     sample = a[torch.randint(n, (m,), generator=g, device=a.device)].sort().values
     centre = (n - k) / n * m          # sample rank of the target (from the bottom)

@@ -94,7 +94,9 @@ Reader = Callable[[int, int], torch.Tensor]   # (start, stop) → storage-dtype 
 
 
 def _finite(x: torch.Tensor) -> bool:
-    return math.isfinite(float(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)))
+    """False if x holds a NaN/Inf (a sum propagates them; a rare overflow of the sum is a false
+    alarm that only costs a recomputation on the reference path)."""
+    return math.isfinite(float(x.sum(dtype=torch.float32) if x.dtype == torch.float32 else x.sum()))
 
 
 class StreamedMerge:
@@ -213,6 +215,20 @@ class StreamedMerge:
             if self.trim:
                 self.cut[k] = self._threshold(k, keep_count(self.n, 1.0 - self.mg.retain_ratio), after_sparsify=True)
 
+    def _disjoint_sum(self, trimmed: list[torch.Tensor], elected: torch.Tensor, m: int) -> torch.Tensor:
+        """``ties_disjoint_merge`` (mean/sum) for an elected sign without zeros: agree = [sign(t) = s]
+        (which implies t ≠ 0) as a 0/1 float, contributions t·w·agree."""
+        acc = workspace("dacc", self.chunk, self.dtype)[:m].zero_()
+        count = workspace("dcount", self.chunk, self.dtype)[:m].zero_()
+        agree = workspace("agree", self.chunk, self.dtype)[:m]
+        for w, t in zip(self.weights, trimmed):
+            torch.sign(t, out=agree).mul_(elected).clamp_(min=0.0)
+            acc.addcmul_(t if w == 1.0 else t * w, agree)
+            count.add_(agree)
+        if self.mg.merge_func == "mean":
+            acc.div_(count.clamp_(min=1))
+        return acc
+
     # -- the main pass ---------------------------------------------------------------------------
     def run(self, emit: Callable[[int, torch.Tensor], None],
             patch: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
@@ -249,18 +265,21 @@ class StreamedMerge:
             for k in range(K):
                 d = self._sparsified(k, masks[k], mags[k], bf, self._theta(k, s, e), workspace(f"x{k}", self.chunk, self.dtype)[:m])
                 if cuts[k] is not None and not cuts[k].all:
-                    d = torch.where(cuts[k].mask(d.abs()), d, torch.zeros((), dtype=d.dtype))
+                    d.mul_(cuts[k].mask(d.abs()))     # = where(keep, d, 0) up to the sign of 0
                 trimmed.append(d)
             electors = [t * w for w, t in zip(self.weights, trimmed)] if mg.weighted_election else trimmed
-            total = torch.zeros_like(bf)
+            total = workspace("total", self.chunk, self.dtype)[:m].zero_()
             for t in electors:
                 total.add_(t)
             sign = torch.sign(total)
             pos += int((sign > 0).sum())
             neg += int((sign < 0).sum())
             zero = sign == 0
-            elected = torch.where(zero, torch.ones((), dtype=sign.dtype), sign)
-            merged = mergers.ties_disjoint_merge(trimmed, elected, mg.merge_func, self.weights)
+            elected = sign.add_(zero)                 # provisional majority +1 where the sum is 0
+            if mg.merge_func == "max":
+                merged = mergers.ties_disjoint_merge(trimmed, elected, mg.merge_func, self.weights)
+            else:
+                merged = self._disjoint_sum(trimmed, elected, m)
             out = bf + merged.mul_(mg.scaling)
             if not _finite(out):
                 raise NonFiniteChunk

@@ -46,7 +46,7 @@ from pathlib import Path
 ISOLATIONS = ("auto", "namespace", "rlimit")
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _UID_BASE = 61000
-_uid_counter = itertools.count()
+_uid_counter = itertools.count((os.getpid() * 97) % 4000)  # evaluators in parallel rarely share uids
 _uid_lock = threading.Lock()
 
 # Runs as ``python -I -S -B -c _BOOT cfg.json`` inside the namespaces; stdlib only.
@@ -193,6 +193,9 @@ class Sandbox:
         self._keep = [prefix]
         cands = [str(_PROJECT_ROOT), os.getcwd(), sys.prefix, os.path.expanduser("~"), *map(str, hide)]
         hidden: list[str] = []
+        if _is_under(self.tmp_root, os.path.realpath(_PROJECT_ROOT)):
+            raise ValueError(f"sandbox temp dir {self.tmp_root} lies inside the project {_PROJECT_ROOT}: "
+                             "set TMPDIR to a directory outside it")
         for c in cands:
             c = os.path.realpath(c)
             if c in ("/", "") or _is_under(self.tmp_root, c) or c in hidden:

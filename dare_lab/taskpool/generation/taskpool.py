@@ -139,7 +139,9 @@ class GenerationTaskPool:
                         for row in rows:
                             f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
         finally:
-            backend.close()
+            close = getattr(backend, "close", None)
+            if close is not None:
+                close()
         if out_dir:
             (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         return metrics

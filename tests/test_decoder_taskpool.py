@@ -239,3 +239,28 @@ def test_bad_taskpool_input_is_named(tiny_llama):
 
         GenerationTaskPool(["gsm_symbolic"], backend="vllm").evaluate(AutoModelForCausalLM.from_pretrained(tiny_llama.base),
                                                                  tiny_llama)
+
+
+def test_in_memory_merge_evaluates_like_the_merged_directory(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from dare_lab.engine import merge_models
+    from dare_lab.ops import MergeMethod, Merger, Sparsifier
+
+    method = MergeMethod("ties_dare", Sparsifier("dare", 0.3), Merger("ties", 1.0, retain_ratio=0.5), seed=3)
+    merged_dir = merge_models(tiny_llama.base, tiny_llama.models, method, tmp_path / "merged")
+    state = merge_models(tiny_llama.base, tiny_llama.models, method, None)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama.base)
+    model.load_state_dict(state)
+    src = tmp_path / "mini.jsonl"
+    src.write_text("\n".join(json.dumps({"question": q, "answer": "#### 5"}) for q in PROMPTS))
+    tp = GenerationTaskPool([{"name": "gsm8k", "source": str(src)}], backend={"name": "hf", "batch_size": 2},
+                            prompt="raw", max_new_tokens=6)
+    from_disk = tp.evaluate(merged_dir, tiny_llama)
+    disk_out = [r["output"] for r in tp.last_outputs["gsm8k"]]
+    in_memory = tp.evaluate(model, tiny_llama)
+    assert in_memory == from_disk
+    assert [r["output"] for r in tp.last_outputs["gsm8k"]] == disk_out
+    base_out = GenerationTaskPool([{"name": "gsm8k", "source": str(src)}], backend="hf", prompt="raw", max_new_tokens=6)
+    base_out.evaluate(tiny_llama.base)
+    assert [r["prompt"] for r in base_out.last_outputs["gsm8k"]] == PROMPTS

@@ -120,3 +120,16 @@ def test_bad_configuration_is_named():
         SandboxLimits(memory_mb=-1)
     with pytest.raises(ValueError, match="isolation 'jail'"):
         Sandbox(isolation="jail")
+
+
+def test_fork_count_is_bounded_by_nproc():
+    import os
+
+    sb = Sandbox(SandboxLimits(wall_s=8, cpu_s=3, nproc=6))
+    if sb.isolation != "namespace" and os.geteuid() == 0:
+        pytest.skip("rlimit-only isolation as root: RLIMIT_NPROC does not apply to uid 0")
+    code = ("import os, time\nn = 0\nfor _ in range(50):\n    try:\n        pid = os.fork()\n    except OSError:\n"
+            "        break\n    if pid == 0:\n        time.sleep(1)\n        os._exit(0)\n    n += 1\nprint('FORKED', n)\n")
+    r = sb.run(code)
+    forked = int(r.stdout.split("FORKED")[1])
+    assert 0 < forked < 6, r.stdout + r.stderr

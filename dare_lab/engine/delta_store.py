@@ -38,6 +38,17 @@ FORMAT = "dare_lab.sparse_delta/1"
 _CHUNK = 1 << 20
 
 
+def base_id(src: CheckpointReader) -> str:
+    """Identity of a base checkpoint: its index plus the first MiB of every weight file."""
+    import hashlib
+
+    h = hashlib.sha256(src.fingerprint().encode())
+    for f in sorted({src._file_of[n] for n in src.names()}):
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()
+
+
 def _kept_indices(n: int, p: float, seed: int, model: str, tensor: str, sampler: str) -> torch.Tensor:
     stream = MaskStream(p, tensor_generator(seed, model, tensor), sampler)
     parts = []
@@ -64,7 +75,7 @@ def save_sparse_deltas(base: str | os.PathLike, model: str | os.PathLike, out_di
     base_src, src = CheckpointReader(base, "base"), CheckpointReader(model, name)
     plans = plan_merge(base_src, {name: src}, scope or Scope())
     meta = {"format": FORMAT, "drop_rate": p, "seed": int(seed), "sampler": sampler, "model": name,
-            "model_ref": str(model), "base_index_sha256": base_src.fingerprint(), "rescale": "1/(1-p)"}
+            "model_ref": str(model), "base_id": base_id(base_src), "rescale": "1/(1-p)"}
     atomic = AtomicDir(out_dir, overwrite=overwrite)
     with atomic as tmp:
         shard: dict[str, torch.Tensor] = {}
@@ -141,8 +152,9 @@ def rebuild(base: str | os.PathLike, stores: Sequence[str | os.PathLike], out_di
 
     base_src = CheckpointReader(base, "base")
     deltas = [SparseDelta(s) for s in stores]
+    ident = base_id(base_src)
     for d in deltas:
-        if d.info["base_index_sha256"] != base_src.fingerprint():
+        if d.info["base_id"] != ident:
             raise ValueError(f"store {d.path} was made against another base checkpoint")
     names = base_src.names()
     entries = [(n, tuple(base_src.shape(n)), out_dtype if (out_dtype and base_src.dtype(n).is_floating_point) else base_src.dtype(n))

@@ -104,16 +104,17 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _hydra_info() -> tuple[str | None, str | None]:
-    """(original cwd, override dirname) when running under Hydra, else (None, None)."""
+    """(original cwd, sweep job name) when running under Hydra, else (None, None)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
         if not HydraConfig.initialized():
             return None, None
         hc = HydraConfig.get()
-        name = hc.job.override_dirname or None
-        if name and hc.job.get("num") is not None and str(hc.mode).endswith("MULTIRUN"):
-            name = f"{hc.job.num}_{name}"
+        kept = [o for o in hc.overrides.task if not o.lstrip("+~").startswith(("experiment=", "run_name="))]
+        name = None
+        if str(hc.mode).endswith("MULTIRUN"):  # sweep jobs: "<job num>_<overrides>"; single runs: a timestamp
+            name = f"{hc.job.num}_" + (",".join(sorted(kept)) or "job")
         return hc.runtime.cwd, name
     except Exception:  # noqa: BLE001 - Hydra absent or not running
         return None, None

@@ -69,7 +69,8 @@ def run_in_process(args, cwd, monkeypatch, capsys):
 
 def kill_child(args, cwd, trigger, timeout=300):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "WANDB_API_KEY": SECRET_ENV,
-           "OMP_NUM_THREADS": "1", "DARE_LAB_CACHE": str(Path(cwd) / "cache")}
+           "OMP_NUM_THREADS": "1", "DARE_LAB_CACHE": str(Path(cwd) / "cache"),
+           "DARE_LAB_SKIP_PRECHECK": "1"}  # the override pre-check is tested in test_reliability_bad_input
     proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     seen = []

@@ -135,7 +135,8 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
             print(f"dare-lab: run {rid} is already complete (results of {source}): skipped; "
                   f"resume.force=true reruns it")
             return done["metrics"]
-    clear_leftovers(run_dir, cfg)
+    if enabled:  # a rerun in a resumed sweep's job directory: drop the killed attempt's files
+        clear_leftovers(run_dir, cfg)
     try:
         from dare_lab.config_check import check_targets
 

@@ -208,7 +208,8 @@ def check_targets(cfg: Any, prefix: str = "") -> None:
                     continue
                 raw = cfg[key]
                 got = _kind(raw)
-                ok = got in kinds or (got == "int" and "float" in kinds) or (got == "none" and "none" in kinds)
+                ok = (got in kinds or (got == "int" and "float" in kinds)
+                      or (got in ("int", "float", "bool") and "str" in kinds))
                 if not ok:
                     want = " or ".join(sorted(_EXPECT.get(k, k) if k != "none" else "null" for k in kinds))
                     raise OverrideError(f"{prefix}{key}={_show(raw)}: expected {want} ({target} parameter {key!r})")

@@ -142,6 +142,11 @@ def test_killed_sweep_resumes_to_the_uninterrupted_summary(tiny_bert_pool, tmp_p
     assert "is already complete" not in out and out.count("dare-lab: results in") == 3
     assert len(summary_rows(sweep)) == 3 and len(registry_entries(work)) == 3
 
+    # relaunched into a new sweep directory (the default: a new timestamp): every job skipped, same table
+    out = run_in_process(sweep_args(tiny_bert_pool, work / "sweep2"), work, monkeypatch, capsys)
+    assert out.count("is already complete") == 3
+    assert summary_rows(work / "sweep2") == uninterrupted
+
     # no secret anywhere in results, configs or logs
     for root in (work, ref):
         for f in root.rglob("*"):

@@ -86,12 +86,15 @@ def test_merged_body_with_own_heads(setup, tmp_path):
         ex = load_split(tp.tasks[[t.name for t in tp.tasks].index(task)], "test")
         want = _manual_scores(merged_sd, mdir, ex.texts, ex.labels, 16 if task == "polarity" else 128)
         assert res[f"{task}/accuracy"] == pytest.approx(want, abs=1e-12)
-    # heads survive: the cached task models still hold their own heads and bodies
+    # heads survive: the cached task models hold their own heads and the merged body
     for task in tp.tasks:
         model, path = tp.task_model(task, pool)
         orig = read_state_dict(path)
         for k, v in model.state_dict().items():
-            assert torch.equal(v, orig[k]), k
+            assert torch.equal(v, orig[k] if is_head_key(k) else merged_sd[k]), k
+    # and the single-model baseline afterwards gets its own body back
+    fresh = ClassificationTaskPool(tasks, batch_size=8).evaluate_models(pool)
+    assert tp.evaluate_models(pool) == fresh
 
 
 def test_identity_merge_scores_like_the_single_models(setup, tmp_path):

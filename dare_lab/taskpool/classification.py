@@ -374,7 +374,7 @@ class ClassificationTaskPool:
             from dare_lab.engine.sources import resolve_model_dir
 
             path = str(resolve_model_dir(ref))
-            model = AutoModelForSequenceClassification.from_pretrained(path, torch_dtype=torch.float32)
+            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
             n = model.config.num_labels
             if task.num_labels is not None and n != task.num_labels:
                 raise ValueError(f"task {task.name!r} has {task.num_labels} labels but model {ref!r} has a {n}-way head")
@@ -392,18 +392,28 @@ class ClassificationTaskPool:
         preds[order] = preds_sorted
         return compute_metrics(task.metrics, preds, self.examples(task).labels)
 
-    def evaluate_state_dict(self, body: Mapping[str, torch.Tensor], pool: ModelPool, label: str = "merged model") -> dict[str, float]:
-        """Score an in-memory merged body: each task = this body + the task model's own head."""
+    def _select(self, tasks: Sequence[str] | None) -> list[TaskSpec]:
+        if tasks is None:
+            return self.tasks
+        names = [t.name for t in self.tasks]
+        for n in tasks:
+            if n not in names:
+                raise ValueError(f"taskpool has no task {n!r}; it has {names}")
+        return [t for t in self.tasks if t.name in tasks]
+
+    def evaluate_state_dict(self, body: Mapping[str, torch.Tensor], pool: ModelPool, label: str = "merged model",
+                            tasks: Sequence[str] | None = None) -> dict[str, float]:
+        """Score an in-memory merged body: each task = this body + the task model's own head.
+
+        ``tasks`` restricts scoring to those task names (default: all).
+        """
         results: dict[str, float] = {}
-        for task in self.tasks:
+        for task in self._select(tasks):
             model, path = self.task_model(task, pool)
-            original = {k: v.detach().clone() for k, v in model.state_dict().items() if not is_head_key(k)}
-            try:
-                load_body_into(model, body, label)
-                for m, v in self.score(model, task, path).items():
-                    results[f"{task.name}/{m}"] = v
-            finally:  # restore the task model's own body for the next caller
-                load_body_into(model, original, "task model")
+            model._dare_lab_own_body = False  # type: ignore[attr-defined]
+            load_body_into(model, body, label)  # every body tensor is overwritten; the head is kept
+            for m, v in self.score(model, task, path).items():
+                results[f"{task.name}/{m}"] = v
         return results
 
     def evaluate(self, model_dir: str | Path, pool: ModelPool) -> dict[str, float]:
@@ -413,11 +423,14 @@ class ClassificationTaskPool:
             raise FileNotFoundError(f"merged model directory does not exist: {model_dir}")
         return self.evaluate_state_dict(read_state_dict(model_dir), pool, label=str(model_dir))
 
-    def evaluate_models(self, pool: ModelPool) -> dict[str, float]:
+    def evaluate_models(self, pool: ModelPool, tasks: Sequence[str] | None = None) -> dict[str, float]:
         """Each task scored by its own fine-tuned model (the individual-model baseline)."""
         results: dict[str, float] = {}
-        for task in self.tasks:
+        for task in self._select(tasks):
             model, path = self.task_model(task, pool)
+            if not getattr(model, "_dare_lab_own_body", True):  # a merged body was loaded: put its own back
+                load_body_into(model, read_state_dict(path), path)
+                model._dare_lab_own_body = True  # type: ignore[attr-defined]
             for m, v in self.score(model, task, path).items():
                 results[f"{task.name}/{m}"] = v
         return results

@@ -138,7 +138,8 @@ def demo_pool(cache_dir: str | Path, base: str | None = None, data: Mapping | No
     base_dir = prepare_base(cache_dir, base, seed)
     ft = dict(DEMO_FINETUNE, **(_to_plain(finetune) or {}), seed=seed, progress=progress)
     cfg = FinetuneConfig.from_any(ft)
-    key = _hash({"base": str(base_dir), "data": {k: v.files for k, v in specs.items()}, "finetune": ft})
+    # progress bars do not change the model: keep them out of the cache key
+    key = _hash({"base": str(base_dir), "data": {k: v.files for k, v in specs.items()}, "finetune": dict(ft, progress=False)})
     models = {}
     for task, spec in specs.items():
         out = _root(cache_dir) / "models" / key / task

@@ -135,3 +135,36 @@ def test_run_identity_is_the_config_that_defines_the_results():
     reordered = {k: BASE_CFG[k] for k in reversed(list(BASE_CFG))}
     assert run_id(OmegaConf.create(reordered)) == rid
     assert "output" not in identity_payload(OmegaConf.create(BASE_CFG))
+
+
+def test_output_is_rechecked_from_disk_before_the_rename(tiny_llama_pool, tmp_path, monkeypatch):
+    """A shard damaged after the writer's own checks (a disk error) is caught before the commit."""
+    import pytest
+
+    from dare_lab.engine import writer as writer_mod
+    from dare_lab.engine.validate import validate_output
+
+    pool = tiny_llama_pool
+    good = merge_models(pool.base, pool.models, DARE_TIES, tmp_path / "good", max_shard_size="6KB")
+    entries = [(k, tuple(v.shape), v.dtype) for k, v in tensors(good).items()]
+    validate_output(good, entries)
+    index = json.loads((good / "model.safetensors.index.json").read_text())
+    name = sorted(index["weight_map"])[0]
+    index["weight_map"][name] = "model-00002-of-%05d.safetensors" % len(list(good.glob("*.safetensors")))
+    (good / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(RuntimeError, match="does not match the shards' headers"):
+        validate_output(good, entries)
+
+    finish = writer_mod.ShardedSafetensorsWriter.finish
+
+    def finish_then_lose_bytes(self):
+        out = finish(self)
+        with open(self.files[-1], "r+b") as fh:
+            fh.truncate(self.files[-1].stat().st_size - 4)
+        return out
+
+    monkeypatch.setattr(writer_mod.ShardedSafetensorsWriter, "finish", finish_then_lose_bytes)
+    out = tmp_path / "bad" / "merged"
+    with pytest.raises(RuntimeError, match=r"failed its final check, not committed: .* is truncated"):
+        merge_models(pool.base, pool.models, DARE_TIES, out, max_shard_size="6KB")
+    assert not out.exists() and not list(out.parent.iterdir())

@@ -20,7 +20,7 @@ import torch
 from dare_lab.engine.plan import TensorPlan, plan_merge
 from dare_lab.engine.scope import Scope
 from dare_lab.engine.sources import CheckpointReader, ChunkReader, StateDictSource, TensorSource
-from dare_lab.engine.validate import validate_pool
+from dare_lab.engine.validate import validate_output, validate_pool
 from dare_lab.engine.writer import AtomicDir, ShardedSafetensorsWriter
 from dare_lab.ops.method import MergeMethod
 from dare_lab.ops.streamed import CHUNK, NonFiniteChunk, StreamedMerge, workspace
@@ -285,6 +285,7 @@ def merge_models(
             meta = _metadata(method, base_src, srcs, scope, dtype, out_dtype, plans, time.perf_counter() - started)
             (tmp / "dare_lab_merge.json").write_text(json.dumps(meta, indent=2, default=str))
             (tmp / "README.md").write_text(model_card(meta))
+            validate_output(tmp, entries)  # shards, headers and index re-read from disk before the rename
             return atomic.commit()
     finally:
         if bar is not None:

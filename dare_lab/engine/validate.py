@@ -38,8 +38,8 @@ def _itemsize(code: str) -> int:
     return torch.empty((), dtype=SAFE_DTYPES[code]).element_size()
 
 
-def check_safetensors_file(file: Path, label: str) -> set[str]:
-    """Check one safetensors file's layout from its header; returns its tensor names."""
+def check_safetensors_file(file: Path, label: str) -> dict[str, dict]:
+    """Check one safetensors file's layout from its header; returns the header (name → dtype, shape, offsets)."""
     size = file.stat().st_size
     with open(file, "rb") as fh:
         raw = fh.read(8)
@@ -82,7 +82,7 @@ def check_safetensors_file(file: Path, label: str) -> set[str]:
         if 8 + n + pos > size:
             raise CorruptCheckpointError(f"model {label!r}: {file.name} is truncated (tensors need {8 + n + pos} bytes, file has {size})")
         raise CorruptCheckpointError(f"model {label!r}: {file.name} has {size - 8 - n - pos} bytes after its last tensor")
-    return set(header)
+    return header
 
 
 def check_files(src: TensorSource) -> None:
@@ -128,3 +128,42 @@ def validate_pool(base: TensorSource, models: Mapping[str, TensorSource], plans:
     for src in (base, *models.values()):
         check_files(src)
     check_dtypes(base, models, plans)
+
+
+def validate_output(out_dir: str | Path, entries) -> None:
+    """Re-check a written (not yet renamed) output from disk before it is committed.
+
+    Every shard's layout (as :func:`check_safetensors_file`), every planned tensor stored
+    exactly once with its planned shape and dtype, the index (when sharded) naming each tensor's
+    shard and the total size. Raises RuntimeError: a failure here is a write error, not bad input.
+    """
+    out = Path(out_dir)
+    codes = {v: k for k, v in SAFE_DTYPES.items()}
+    files = sorted(out.glob("*.safetensors"))
+    try:
+        where: dict[str, str] = {}
+        declared: dict[str, tuple[list[int], str]] = {}
+        for f in files:
+            for name, info in check_safetensors_file(f, "output").items():
+                if name in where:
+                    raise CorruptCheckpointError(f"tensor {name!r} is stored twice")
+                where[name] = f.name
+                declared[name] = (list(info["shape"]), info["dtype"])
+        planned = {name: ([int(x) for x in shape], codes[dtype]) for name, shape, dtype in entries}
+        if declared != planned:
+            extra, missing = sorted(set(declared) - set(planned)), sorted(set(planned) - set(declared))
+            bad = [n for n in planned if n in declared and declared[n] != planned[n]]
+            raise CorruptCheckpointError(f"output does not match the plan (missing {missing[:3]}, extra {extra[:3]}, "
+                                         f"changed {bad[:3]})")
+        index = out / SAFE_INDEX
+        if len(files) > 1 or index.exists():
+            data = json.loads(index.read_text())
+            if data["weight_map"] != where:
+                raise CorruptCheckpointError(f"{SAFE_INDEX} does not match the shards' headers")
+            total = sum(f.stat().st_size for f in files)
+            if not 0 < data["metadata"]["total_size"] <= total:
+                raise CorruptCheckpointError(f"{SAFE_INDEX} declares total_size {data['metadata']['total_size']}, shards hold {total} bytes")
+        elif files != [out / "model.safetensors"]:
+            raise CorruptCheckpointError(f"single-file output must be model.safetensors, found {[f.name for f in files]}")
+    except (CorruptCheckpointError, OSError, ValueError, KeyError) as exc:
+        raise RuntimeError(f"merged output in {out} failed its final check, not committed: {exc}") from None

@@ -50,7 +50,7 @@ def base_id(src: CheckpointReader) -> str:
 
 
 def _kept_indices(n: int, p: float, seed: int, model: str, tensor: str, sampler: str) -> torch.Tensor:
-    stream = MaskStream(p, tensor_generator(seed, model, tensor), sampler)
+    stream = MaskStream(p, tensor_generator(seed, model, tensor), sampler, n)
     parts = []
     for s in range(0, n, _CHUNK):
         m = min(_CHUNK, n - s)

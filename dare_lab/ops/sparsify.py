@@ -41,7 +41,7 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, generator: torch.Ge
     if sampler == "geometric":
         n = math.prod(shape)
         mask = torch.zeros(n, dtype=torch.bool, device=generator.device)
-        mask[GeometricStream(p, generator).take(n)] = True
+        mask[GeometricStream(p, generator, n).take(n)] = True
         return mask.view(shape)
     u = torch.rand(shape, generator=generator, dtype=torch.float32, device=generator.device)
     return u >= p
@@ -57,11 +57,13 @@ class GeometricStream:
     function of (p, generator state) alone: reading it in chunks of any size gives the same mask.
     """
 
-    def __init__(self, p: float, generator: torch.Generator):
+    def __init__(self, p: float, generator: torch.Generator, n: int | None = None):
         self.p = float(p)
         self.gen = generator
         self.log_p = math.log(self.p) if 0.0 < self.p < 1.0 else 0.0
-        self.batch = max(256, math.ceil((1.0 - self.p) * 65536))
+        # batch size: a function of (p, n) only, so chunking never changes the mask
+        expect = (1.0 - self.p) * (n if n is not None else 1 << 16)
+        self.batch = max(16, min(math.ceil((1.0 - self.p) * 65536), math.ceil(expect + 4 * math.sqrt(expect) + 8)))
         self.pending = torch.empty(0, dtype=torch.int64)
         self.last = -1          # absolute position of the last drawn kept entry
         self.cursor = 0         # next position to hand out
@@ -96,11 +98,11 @@ class MaskStream:
     so consecutive draws of sizes a, b equal one draw of a + b (tested).
     """
 
-    def __init__(self, p: float, generator: torch.Generator, sampler: str = "torch_rand"):
+    def __init__(self, p: float, generator: torch.Generator, sampler: str = "torch_rand", n: int | None = None):
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown mask sampler {sampler!r}; choose one of {SAMPLERS}")
         self.p, self.gen, self.sampler = float(p), generator, sampler
-        self.geo = GeometricStream(p, generator) if sampler == "geometric" else None
+        self.geo = GeometricStream(p, generator, n) if sampler == "geometric" else None
 
     def uniforms(self, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """torch_rand only: the next ``count`` float32 uniforms (keep iff u ≥ p)."""

@@ -132,7 +132,7 @@ class StreamedMerge:
         if not self.random:
             return None
         gen = tensor_generator(self.method.seed, self.models[k], self.tensor)
-        return MaskStream(self.sp.drop_rate, gen, self.sp.sampler)
+        return MaskStream(self.sp.drop_rate, gen, self.sp.sampler, self.n)
 
     def _sparsified(self, k: int, mask: MaskStream | None, mag: TopKStream | None, bf: torch.Tensor,
                     th: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

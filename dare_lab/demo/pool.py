@@ -149,5 +149,7 @@ def demo_pool(cache_dir: str | Path, base: str | None = None, data: Mapping | No
         if summary.get("status") != "done":
             raise RuntimeError(f"fine-tuning {task} did not finish: {summary}")
         models[task] = str(out)
+    from dataclasses import asdict
+
     return ModelPool(base=str(base_dir), models=models, name=name,
-                     extra={"tasks": {k: v.files for k, v in specs.items()}})
+                     extra={"tasks": [asdict(v) for v in specs.values()]})

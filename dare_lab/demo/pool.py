@@ -101,9 +101,10 @@ def demo_tasks(cache_dir: str | Path, data: Mapping | None = None, seed: int = 0
 
 
 def demo_taskpool(cache_dir: str | Path, data: Mapping | None = None, seed: int = 0, split: str = "test",
-                  batch_size: int = 64, device: str = "cpu") -> ClassificationTaskPool:
+                  batch_size: int = 64, device: str = "cpu", also_splits: list[str] | tuple = ()) -> ClassificationTaskPool:
     """The demo's taskpool (each task scored with its own fine-tuned head)."""
-    return ClassificationTaskPool(demo_tasks(cache_dir, data, seed), split=split, batch_size=batch_size, device=device)
+    return ClassificationTaskPool(demo_tasks(cache_dir, data, seed), split=split, batch_size=batch_size, device=device,
+                                  also_splits=tuple(_to_plain(also_splits) or ()))
 
 
 def prepare_base(cache_dir: str | Path, base: str | None = None, seed: int = 0) -> Path:

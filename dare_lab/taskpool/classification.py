@@ -320,7 +320,8 @@ class ClassificationTaskPool:
     """
 
     def __init__(self, tasks: Sequence[Any] | Mapping[str, Any], split: str = "test", batch_size: int = 64,
-                 device: str = "cpu", max_examples: int | None = None, progress: bool = False):
+                 device: str = "cpu", max_examples: int | None = None, progress: bool = False,
+                 also_splits: Sequence[str] = ()):
         if isinstance(tasks, Mapping) or hasattr(tasks, "items") and not isinstance(tasks, (list, tuple)):
             specs = [TaskSpec.from_any(v, name=str(k)) for k, v in tasks.items()]
         else:
@@ -337,14 +338,19 @@ class ClassificationTaskPool:
             raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for extra in also_splits:
+            if extra not in SPLITS or extra == split:
+                raise ValueError(f"also_splits: {extra!r} must be one of {SPLITS} other than split={split!r}")
         self.tasks = specs
         self.split = split
+        self.also_splits = tuple(also_splits)
         self.batch_size = int(batch_size)
         self.device = _device(device)
         self.progress = progress
         self._examples: dict[str, Examples] = {}
         self._encoded: dict[tuple, tuple[list, np.ndarray]] = {}
         self._task_models: dict[tuple[str, str], torch.nn.Module] = {}
+        self._other: dict[str, ClassificationTaskPool] = {}
 
     # -- data
     def examples(self, task: TaskSpec) -> Examples:
@@ -417,11 +423,30 @@ class ClassificationTaskPool:
         return results
 
     def evaluate(self, model_dir: str | Path, pool: ModelPool) -> dict[str, float]:
-        """Score the merged model in ``model_dir`` (merged body + each task's own head)."""
+        """Score the merged model in ``model_dir`` (merged body + each task's own head).
+
+        Keys ``<task>/<metric>`` for ``split``, plus ``<task>/<split>_<metric>`` for each of
+        ``also_splits`` (e.g. ``validation`` for hyperparameter selection, see :func:`select_best`).
+        """
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise FileNotFoundError(f"merged model directory does not exist: {model_dir}")
-        return self.evaluate_state_dict(read_state_dict(model_dir), pool, label=str(model_dir))
+        body = read_state_dict(model_dir)
+        results = self.evaluate_state_dict(body, pool, label=str(model_dir))
+        for extra in self.also_splits:
+            other = self.with_split(extra)
+            for k, v in other.evaluate_state_dict(body, pool, label=str(model_dir)).items():
+                task, metric = k.split("/", 1)
+                results[f"{task}/{extra}_{metric}"] = v
+        return results
+
+    def with_split(self, split: str) -> "ClassificationTaskPool":
+        """The same tasks on another split (shares the loaded task models)."""
+        if split not in self._other:
+            other = ClassificationTaskPool(self.tasks, split=split, batch_size=self.batch_size, device=str(self.device))
+            other._task_models = self._task_models
+            self._other[split] = other
+        return self._other[split]
 
     def evaluate_models(self, pool: ModelPool, tasks: Sequence[str] | None = None) -> dict[str, float]:
         """Each task scored by its own fine-tuned model (the individual-model baseline)."""
@@ -482,11 +507,11 @@ class GlueTaskPool(ClassificationTaskPool):
     def __init__(self, tasks: Sequence[str] = tuple(GLUE_TASKS), split: str = "test", batch_size: int = 64,
                  device: str = "cpu", max_examples: int | None = None, models: Mapping[str, str] | None = None,
                  files: Mapping[str, Mapping[str, str]] | None = None, dataset: str = GLUE_DATASET,
-                 max_length: int = 128, progress: bool = False):
+                 max_length: int = 128, progress: bool = False, also_splits: Sequence[str] = ()):
         models, files = dict(models or {}), dict(files or {})
         specs = [glue_task(t, files.get(t), dataset, models.get(t), max_length) for t in tasks]
         super().__init__(specs, split=split, batch_size=batch_size, device=device, max_examples=max_examples,
-                         progress=progress)
+                         progress=progress, also_splits=also_splits)
 
 
 def mean_score(results: Mapping[str, float]) -> float:
@@ -498,3 +523,58 @@ def mean_score(results: Mapping[str, float]) -> float:
             per_task.setdefault(task, []).append(v)
     vals = [sum(v) / len(v) for v in per_task.values() if v]
     return sum(vals) / len(vals) if vals else float("nan")
+
+
+def select_best(sweep_dir: str | Path, select_on: str = "validation") -> dict[str, Any]:
+    """Pick the sweep job with the best mean ``<task>/<select_on>_<metric>`` (the paper's protocol).
+
+    Reads the sweep's ``summary.csv`` (one row per job), writes ``best.json`` next to it with
+    the chosen job, its overrides, its selection score and its test metrics (``<task>/<metric>``).
+    """
+    sweep_dir = Path(sweep_dir)
+    summary = sweep_dir / "summary.csv"
+    if not summary.exists():
+        raise FileNotFoundError(f"no summary.csv in sweep directory {sweep_dir}")
+    with open(summary, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    prefix = f"{select_on}_"
+    best, best_score = None, -math.inf
+    for row in rows:
+        vals = []
+        for k, v in row.items():
+            if "/" in k and k.split("/", 1)[1].startswith(prefix) and v not in ("", None):
+                try:
+                    x = float(v)
+                except ValueError:
+                    continue
+                if not math.isnan(x):
+                    vals.append(x)
+        if vals and sum(vals) / len(vals) > best_score:
+            best, best_score = row, sum(vals) / len(vals)
+    if best is None:
+        raise ValueError(f"{summary}: no job reports '<task>/{prefix}<metric>' columns "
+                         f"(set taskpool.also_splits=[{select_on}])")
+    tasks = {k.split("/", 1)[0] for k in best if "/" in k and k.split("/", 1)[1].startswith(prefix)}
+    test = {}
+    for k, v in best.items():
+        if "/" in k and k.split("/", 1)[0] in tasks and not k.split("/", 1)[1].startswith(tuple(f"{s}_" for s in SPLITS)) \
+                and v not in ("", None):
+            try:
+                test[k] = float(v)
+            except ValueError:
+                pass
+    out = {"job": best.get("job"), "overrides": best.get("overrides"), f"{select_on}_score": best_score,
+           "test": test, "trials": len(rows)}
+    (sweep_dir / "best.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":  # python -m dare_lab.taskpool.classification select-best <sweep_dir>
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "select-best":
+        sys.exit("usage: python -m dare_lab.taskpool.classification select-best <sweep_dir>")
+    try:
+        print(json.dumps(select_best(sys.argv[2]), indent=2))
+    except (FileNotFoundError, ValueError) as exc:
+        sys.exit(f"error: {exc}")

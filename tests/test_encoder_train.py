@@ -88,3 +88,15 @@ def test_bad_config():
         FinetuneConfig(epochs=0)
     with pytest.raises(ValueError, match="lr_typo"):
         FinetuneConfig.from_any({"lr_typo": 1})
+
+
+def test_cli(polarity, tmp_path, capsys):
+    from dare_lab.train.__main__ import main
+
+    root, base, spec = polarity
+    rc = main(["--base", str(base), "--out", str(tmp_path / "m"), "--train", spec.files["train"], "--labels", "neg,pos",
+               "--epochs", "1", "--learning-rate", "0.002", "--max-length", "16"])
+    assert rc == 0 and (tmp_path / "m" / "finetune.json").exists()
+    assert '"validation"' in capsys.readouterr().out
+    rc = main(["--base", str(base), "--out", str(tmp_path / "m2"), "--train", str(tmp_path / "missing.csv")])
+    assert rc == 2 and "missing.csv" in capsys.readouterr().err

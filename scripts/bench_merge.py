@@ -214,6 +214,7 @@ def main() -> None:
     ap.add_argument("--size", default="1b", choices=sorted(SIZES))
     ap.add_argument("--models", type=int, default=3, help="K fine-tuned models")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--mk-reps", type=int, default=None, help="mergekit repetitions (default: --reps; its first reps)")
     ap.add_argument("--methods", default="ta,ties,dare_ta,dare_ties")
     ap.add_argument("--extra", default="dare_ta_geo", help="dare_lab-only rows (comma list, '' for none)")
     ap.add_argument("--threads", type=int, default=2)
@@ -244,7 +245,8 @@ def main() -> None:
         floors.append(io_floor([base, *models], out_bytes, scratch))
         print(f"rep {rep}: I/O floor {floors[-1]['floor_s']:.2f} s", flush=True)
         for key in keys + extras:
-            tools = ["dare_lab"] if key in extras else (["mergekit", "dare_lab"] if use_mk else ["dare_lab"])
+            mk_now = use_mk and rep < (args.reps if args.mk_reps is None else args.mk_reps)
+            tools = ["dare_lab"] if key in extras else (["mergekit", "dare_lab"] if mk_now else ["dare_lab"])
             if rep % 2:
                 tools.reverse()
             for tool in tools:
@@ -282,7 +284,7 @@ def run_scaling(args, cache: Path, scratch: Path, env: dict) -> list[dict]:
         base = build_checkpoint(cache, size, 0)
         for k in (2, 3, 5):
             models = [build_checkpoint(cache, size, i) for i in range(1, k + 1)]
-            for key in ("ta", "dare_ta"):
+            for key in ("dare_ta",):
                 out = scratch / f"scale-{size}-{k}-{key}"
                 shutil.rmtree(out, ignore_errors=True)
                 r = run_measured(dare_lab_cmd(base, models, METHODS[key][0], out, args.threads), env)
@@ -358,7 +360,8 @@ def write_report(args, keys, extras, runs, floor, scaling, delta) -> None:
         f"K = {args.models} fine-tuned = base + N(0, 0.001). {platform.machine()}, {os.cpu_count()} cores; "
         f"dare_lab threads={args.threads}; mergekit `--lazy-unpickle --random-seed 0`, `dtype: float32`, `out_dtype: bfloat16`. "
         f"Each merge is a fresh subprocess (wall includes interpreter start and imports; CPU = user + sys; peak RSS from `wait4`); "
-        f"tools alternate; median of {args.reps} repetitions. Command: `python scripts/bench_merge.py --size {args.size} --models {args.models} --reps {args.reps}"
+        f"tools alternate; median of {args.reps} repetitions (mergekit: {args.reps if args.mk_reps is None else min(args.reps, args.mk_reps)}). Command: `python scripts/bench_merge.py --size {args.size} --models {args.models} --reps {args.reps}"
+        f"{'' if args.mk_reps is None else f' --mk-reps {args.mk_reps}'}"
         f"{' --scaling' if scaling else ''}{' --delta' if delta else ''}`.", "",
         f"I/O floor in the same run (median): read {floor['read_gb']:.2f} GB of inputs from the page cache {floor['read_s']:.2f} s + "
         f"write {param_count(args.size) * 2 / 1e9:.2f} GB {floor['write_s']:.2f} s + fsync {floor['sync_s']:.2f} s = **{floor['floor_s']:.2f} s** "

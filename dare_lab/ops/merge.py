@@ -61,7 +61,7 @@ def ties_elect(trimmed: Sequence[torch.Tensor]) -> torch.Tensor:
 def majority_sign(sign: torch.Tensor) -> torch.Tensor:
     """sign(#positive − #negative) of a tensor of signs, counted exactly in int64 (a float32
     sum of ±1 loses exactness past 2²⁴ entries); a 0-dim tensor of ``sign``'s dtype."""
-    balance = int((sign > 0).sum()) - int((sign < 0).sum())
+    balance = int(torch.count_nonzero(sign > 0)) - int(torch.count_nonzero(sign < 0))
     return torch.tensor(float((balance > 0) - (balance < 0)), dtype=sign.dtype, device=sign.device)
 
 

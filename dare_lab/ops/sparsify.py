@@ -165,23 +165,28 @@ def kth_largest(a: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     sample = a[torch.randint(n, (m,), generator=g, device=a.device)].sort().values
     centre = (n - k) / n * m          # sample rank of the target (from the bottom)
     margin = 4.0 * math.sqrt(m * (k / n) * (1 - k / n)) + 8
+    step = 1 << 22                    # slices keep the boolean temporaries small
     while True:
         lo_i, hi_i = int(centre - margin), int(centre + margin)
-        lo = sample[lo_i] if lo_i >= 0 else None
-        hi = sample[hi_i] if hi_i < m else None
-        above = 0 if hi is None else int((a > hi).sum())
-        if lo is None and hi is None:
-            cand = a
-        elif lo is None:
-            cand = a[a <= hi]
-        elif hi is None:
-            cand = a[a >= lo]
-        else:
-            cand = a[(a >= lo) & (a <= hi)]
+        lo = float(sample[lo_i]) if lo_i >= 0 else -math.inf
+        hi = float(sample[hi_i]) if hi_i < m else math.inf
+        above, parts = 0, []
+        for s in range(0, n, step):
+            part = a[s: s + step]
+            if hi != math.inf:
+                above += int(torch.count_nonzero(part > hi))
+            sel = part >= lo
+            sel &= part <= hi
+            parts.append(part[sel])
+        cand = torch.cat(parts)
         r = k - above                 # rank of the target among cand, from the top
         if 1 <= r <= cand.numel():
             thr = torch.kthvalue(cand, cand.numel() - r + 1).values
-            return thr, int((cand > thr).sum()) + above
+            return thr, int(torch.count_nonzero(cand > thr)) + above
+        if lo == -math.inf and hi == math.inf:
+            # only NaN can get here (comparisons with NaN are false): defer to kthvalue
+            thr = torch.kthvalue(a, n - k + 1).values
+            return thr, int(torch.count_nonzero(a > thr))
         margin *= 8
 
 
@@ -199,7 +204,7 @@ def top_magnitude_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     threshold, greater = kth_largest(flat, k)
     keep = flat > threshold
     missing = k - greater
-    if missing > 0:
+    if missing > 0:  # ties at the threshold: the lowest flat indices
         ties = torch.nonzero(flat == threshold).flatten()[:missing]
         keep[ties] = True
     return keep.view(x.shape)

@@ -80,7 +80,7 @@ class TopKStream:
         keep = a > self.threshold
         if self.quota > 0:
             eq = a == self.threshold
-            c = int(eq.sum())
+            c = int(torch.count_nonzero(eq))
             if c and c <= self.quota:
                 keep |= eq
                 self.quota -= c
@@ -272,8 +272,8 @@ class StreamedMerge:
             for t in electors:
                 total.add_(t)
             sign = torch.sign(total)
-            pos += int((sign > 0).sum())
-            neg += int((sign < 0).sum())
+            pos += int(torch.count_nonzero(sign > 0))
+            neg += int(torch.count_nonzero(sign < 0))
             zero = sign == 0
             elected = sign.add_(zero)                 # provisional majority +1 where the sum is 0
             if mg.merge_func == "max":

@@ -41,7 +41,7 @@ METRICS = ("accuracy", "macro_f1")
 
 
 def _to_plain(obj: Any) -> Any:
-    if obj is None or isinstance(obj, (dict, list, str, int, float, bool)):
+    if obj is None or isinstance(obj, (dict, list, tuple, str, int, float, bool)):
         return obj
     from omegaconf import OmegaConf
 

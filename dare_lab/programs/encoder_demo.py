@@ -35,7 +35,9 @@ PRIMARY = "accuracy"
 
 
 def _plain(x: Any) -> Any:
-    return OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig) or OmegaConf.is_list(x) else x
+    from omegaconf import ListConfig
+
+    return OmegaConf.to_container(x, resolve=True) if isinstance(x, (DictConfig, ListConfig)) else x
 
 
 def _method(spec: dict, seed: int) -> MergeMethod:

@@ -29,6 +29,9 @@ def test_presets_compose():
         cfg = compose("config", overrides=["method=dare_ties", "+hparams=dare_ties"], return_hydra_config=True)
         assert cfg.hydra.sweeper.params["method.drop_rate"] == "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"
         assert cfg.hydra.sweeper.params["method.retain_ratio"] == "0.1,0.2,0.3"
+        cfg = compose("config", overrides=["method=ties", "+hparams=[ties,joblib]"], return_hydra_config=True)
+        assert cfg.hydra.launcher._target_.endswith("JoblibLauncher") and cfg.hydra.launcher.n_jobs == 2
+        assert cfg.hydra.sweeper.params["method.scaling"] == "0.1,0.3,0.5,0.7,0.9,1.0"
 
 
 def test_select_best_uses_validation_and_reports_test(tmp_path):

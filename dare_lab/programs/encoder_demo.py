@@ -139,10 +139,15 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     for spec in tqdm(merges, desc="merges", disable=not d.get("progress", True)):
         scalings = spec.get("scaling", 1.0)
         scalings = [float(x) for x in (scalings if isinstance(scalings, list) else [scalings])]
+        if spec.get("merger", "task_arithmetic") not in ("task_arithmetic", "ties"):
+            raise ValueError(f"demo merge {spec['name']!r}: merger must be task_arithmetic or ties "
+                             f"(got {spec.get('merger')!r})")
         best, best_lam, best_val = None, None, -math.inf
+        # θ(λ) = θ_PRE + λ·merged_delta for task arithmetic and TIES: merge once at λ = 1
+        unit = merge_state_dicts(base_sd, sds, _method(dict(spec, scaling=1.0), seed))
         for lam in scalings:
-            method = _method(dict(spec, scaling=lam), seed)
-            body = merge_state_dicts(base_sd, sds, method)
+            body = {k: (base_sd[k] + lam * (v - base_sd[k])) if v.is_floating_point() and lam != 1.0 else v
+                    for k, v in unit.items()}
             if len(scalings) > 1:
                 score = _mean(val.evaluate_state_dict(body, pool, label=spec["name"]))
                 if score > best_val:

@@ -100,3 +100,25 @@ def test_cli(polarity, tmp_path, capsys):
     assert '"validation"' in capsys.readouterr().out
     rc = main(["--base", str(base), "--out", str(tmp_path / "m2"), "--train", str(tmp_path / "missing.csv")])
     assert rc == 2 and "missing.csv" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["roberta", "mpnet"])
+def test_other_architectures_train_and_evaluate(arch, tmp_path):
+    from dare_lab.modelpool import ModelPool
+    from dare_lab.taskpool.classification import ClassificationTaskPool
+
+    base = make_tiny_bert(tmp_path / "base", num_labels=2, seed=0, arch=arch)
+    train = write_csv(polarity_rows(64, seed=1), tmp_path / "train.csv")
+    spec = TaskSpec(name="polarity", files={"train": str(train), "test": str(train)}, labels=["neg", "pos"], max_length=16)
+    summary = finetune(base, spec, tmp_path / "m", dict(CFG, epochs=1))
+    assert summary["status"] == "done"
+    pool = ModelPool(base=str(base), models={"polarity": str(tmp_path / "m")})
+    tp = ClassificationTaskPool([spec])
+    own = tp.evaluate_models(pool)
+    # the fine-tuned body + its own head scores the same through the merged-body path
+    assert tp.evaluate(tmp_path / "m", pool) == own
+    # RoBERTa/MPNet heads are classifier.dense + classifier.out_proj: all kept from the task model
+    from dare_lab.taskpool.classification import is_head_key, read_state_dict
+
+    heads = [k for k in read_state_dict(tmp_path / "m") if is_head_key(k)]
+    assert any("out_proj" in k for k in heads) and any("dense" in k for k in heads)

@@ -26,11 +26,21 @@ def vocab_words() -> list[str]:
 
 
 def make_tiny_bert(out_dir: str | Path, num_labels: int = 2, seed: int = 0, hidden: int = 32, layers: int = 2,
-                   problem_type: str | None = None) -> Path:
-    """Write a random-init ``BertForSequenceClassification`` + WordPiece tokenizer to ``out_dir``."""
+                   problem_type: str | None = None, arch: str = "bert") -> Path:
+    """Write a random-init sequence classifier (``arch``: bert | roberta | mpnet) + WordPiece tokenizer."""
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+    from transformers import (
+        AutoModelForSequenceClassification,
+        BertConfig,
+        MPNetConfig,
+        PreTrainedTokenizerFast,
+        RobertaConfig,
+    )
+
+    configs = {"bert": BertConfig, "roberta": RobertaConfig, "mpnet": MPNetConfig}
+    if arch not in configs:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {sorted(configs)}")
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -44,11 +54,13 @@ def make_tiny_bert(out_dir: str | Path, num_labels: int = 2, seed: int = 0, hidd
     tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=64)
     tok.save_pretrained(out)
-    cfg = BertConfig(vocab_size=len(vocab_words()), hidden_size=hidden, num_hidden_layers=layers,
-                     num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=64,
-                     num_labels=num_labels, problem_type=problem_type)
+    extra = {"pad_token_id": vocab["[PAD]"], "bos_token_id": vocab["[CLS]"], "eos_token_id": vocab["[SEP]"]} \
+        if arch != "bert" else {}
+    cfg = configs[arch](vocab_size=len(vocab_words()), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=66,
+                        num_labels=num_labels, problem_type=problem_type, **extra)
     torch.manual_seed(seed)
-    BertForSequenceClassification(cfg).save_pretrained(out)
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(out)
     return out
 
 

@@ -297,7 +297,8 @@ def test_setting_errors(make, expected):
     assert re.fullmatch(expected, str(info.value)), str(info.value)
 
 
-METHODS = "average, dare_average, dare_task_arithmetic, dare_ties, drop_only_task_arithmetic, magnitude_task_arithmetic, task_arithmetic, ties"
+# every option of the method group, as the message must list them
+METHODS = ", ".join(sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "method").glob("*.yaml")))
 OVERRIDE_CASES = [
     (["method=dare_tie"], f"unknown method 'dare_tie' (method=dare_tie); did you mean 'dare_ties'? choose one of: {METHODS}"),
     (["-m", "method=ties,nope"], f"unknown method 'nope' (method=nope); choose one of: {METHODS}"),

@@ -1,7 +1,11 @@
-"""The streamed merge: one tensor at a time through ``MergeMethod.merge_tensor``.
+"""The streamed merge: every tensor through ``MergeMethod.merge_tensor``, chunk by chunk.
 
-Peak memory is about (K+1) × the largest tensor in the compute dtype per worker thread: no
-output shard is buffered (see ``writer``), input files are opened per tensor.
+Merged tensors stream through :class:`dare_lab.ops.streamed.StreamedMerge`: inputs are
+``pread`` per chunk (nothing mapped), output chunks ``pwrite``-n in place into pre-sized shards,
+so peak memory is the interpreter plus a few chunk buffers per worker thread (TIES with a trim
+adds |δ| of one tensor in fp32 and that tensor's output). Results are bit for bit those of the
+whole-tensor path (:func:`_merge_one_reference`), which also handles NaN/Inf errors.
+See docs/performance.md.
 """
 
 from __future__ import annotations

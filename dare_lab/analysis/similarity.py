@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-HIST_EDGES = np.linspace(-1.0, 1.0, 401)
+HIST_EDGES = np.linspace(-1.0, 1.0, 2001)  # bin width 0.001
 
 
 @dataclass

@@ -25,14 +25,15 @@ from dare_lab.analysis.runner import (TrackedRun, build_pool, build_scope, build
 
 
 def _hist_stats(counts: np.ndarray) -> dict[str, float]:
-    centers = (S.HIST_EDGES[:-1] + S.HIST_EDGES[1:]) / 2
+    """Quantiles from the streamed histogram (upper bin edge: exact up to one bin width)."""
+    upper = S.HIST_EDGES[1:]
     total = counts.sum()
     if total == 0:
         return {}
     cdf = np.cumsum(counts) / total
-    q = lambda x: float(centers[min(np.searchsorted(cdf, x), len(centers) - 1)])  # noqa: E731
-    return {"mean": float((centers * counts).sum() / total), "q10": q(0.1), "median": q(0.5), "q90": q(0.9),
-            "share_below_0.9": float(counts[centers < 0.9].sum() / total)}
+    q = lambda x: float(upper[min(np.searchsorted(cdf, x), len(upper) - 1)])  # noqa: E731
+    return {"q10": q(0.1), "median": q(0.5), "q90": q(0.9),
+            "share_below_0.9": float(counts[upper <= 0.9].sum() / total)}
 
 
 def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
@@ -65,7 +66,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
                 metrics[f"{name}/{m}/p{p:g}/mean_layer_cos"] = float(np.mean(per_layer))
                 ours.setdefault(f"{m} p={p:g}", last)
                 st = _hist_stats(hists[f"{m} p={p:g}"])
-                last_rows.append({"model": name, "method": m, "p": p, **st})
+                last_rows.append({"model": name, "method": m, "p": p, "mean": last, **st})
         path = layer_similarity_plot(tr.plot_path(f"similarity_layers_{name}"), list(range(n_layers)), curves,
                                      f"{name}: mean cosine similarity to SFT per layer")
         tr.image(f"similarity_layers_{name}", path)

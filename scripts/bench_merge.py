@@ -84,8 +84,20 @@ def tensor_specs(size: str) -> list[tuple[str, tuple[int, ...]]]:
     return specs
 
 
-def build_checkpoint(cache: Path, size: str, index: int, shard_bytes: int = 1 << 30) -> Path:
-    """Checkpoint ``index`` (0 = base) of a size, built once; fine-tuned ones re-derive the base."""
+def build_checkpoint(cache: Path, size: str, index: int) -> Path:
+    """Checkpoint ``index`` (0 = base) of a size, built once, in a child process.
+
+    The benchmark process itself must stay small: a child's ``ru_maxrss`` includes the RSS of
+    the process it was forked from (Linux keeps the high-water mark across fork + exec), so
+    building multi-GB checkpoints here would inflate every later measurement.
+    """
+    out = cache / size / ("base" if index == 0 else f"ft{index}")
+    if not (out / ".complete").exists():
+        subprocess.run([sys.executable, __file__, "--build-checkpoint", str(cache), size, str(index)], check=True)
+    return out
+
+
+def _build_checkpoint(cache: Path, size: str, index: int, shard_bytes: int = 1 << 30) -> Path:
     import torch
     from safetensors.torch import save_file
 
@@ -127,6 +139,8 @@ def build_checkpoint(cache: Path, size: str, index: int, shard_bytes: int = 1 <<
 
 
 def run_measured(cmd: list[str], env: dict | None = None) -> dict:
+    os.sync()  # no write-back of an earlier run's (unsynced) output may overlap this one
+    time.sleep(1.0)
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     # read pipes in threads so the child never blocks, then reap it with wait4 for its rusage
@@ -359,7 +373,7 @@ def write_report(args, keys, extras, runs, floor, scaling, delta) -> None:
         f"Synthetic Llama-shaped bf16 checkpoints, {size_b:.3f} B parameters each (size `{args.size}`): base ~ N(0, 0.02), "
         f"K = {args.models} fine-tuned = base + N(0, 0.001). {platform.machine()}, {os.cpu_count()} cores; "
         f"dare_lab threads={args.threads}; mergekit `--lazy-unpickle --random-seed 0`, `dtype: float32`, `out_dtype: bfloat16`. "
-        f"Each merge is a fresh subprocess (wall includes interpreter start and imports; CPU = user + sys; peak RSS from `wait4`); "
+        f"Each merge is a fresh subprocess started after `sync` (wall includes interpreter start and imports; CPU = user + sys; peak RSS from `wait4`, the benchmark process itself kept small); "
         f"tools alternate; median of {args.reps} repetitions (mergekit: {args.reps if args.mk_reps is None else min(args.reps, args.mk_reps)}). Command: `python scripts/bench_merge.py --size {args.size} --models {args.models} --reps {args.reps}"
         f"{'' if args.mk_reps is None else f' --mk-reps {args.mk_reps}'}"
         f"{' --scaling' if scaling else ''}{' --delta' if delta else ''}`.", "",
@@ -409,4 +423,7 @@ def write_report(args, keys, extras, runs, floor, scaling, delta) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--build-checkpoint"]:
+        _build_checkpoint(Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+    else:
+        main()

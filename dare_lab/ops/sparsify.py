@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
+import numpy as np
 import torch
 
 SAMPLERS = ("torch_rand", "geometric")
@@ -165,19 +166,35 @@ def kth_largest(a: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     sample = a[torch.randint(n, (m,), generator=g, device=a.device)].sort().values
     centre = (n - k) / n * m          # sample rank of the target (from the bottom)
     margin = 4.0 * math.sqrt(m * (k / n) * (1 - k / n)) + 8
-    step = 1 << 22                    # slices keep the boolean temporaries small
+    # numpy's compares, counts and boolean gathers run ~2x faster than torch's on one CPU thread;
+    # slices keep the boolean temporaries small (cache-sized for numpy)
+    x = a.detach().numpy() if a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64) else None
+    step = 1 << 16 if x is not None else 1 << 22
     while True:
         lo_i, hi_i = int(centre - margin), int(centre + margin)
         lo = float(sample[lo_i]) if lo_i >= 0 else -math.inf
         hi = float(sample[hi_i]) if hi_i < m else math.inf
         above, parts = 0, []
-        for s in range(0, n, step):
-            part = a[s: s + step]
-            if hi != math.inf:
-                above += int(torch.count_nonzero(part > hi))
-            sel = part >= lo
-            sel &= part <= hi
-            parts.append(part[sel])
+        if x is not None:
+            b1, b2 = np.empty(min(step, n), dtype=bool), np.empty(min(step, n), dtype=bool)
+            for s in range(0, n, step):
+                part = x[s: s + step]
+                sel, tmp = b1[: part.size], b2[: part.size]
+                if hi != math.inf:
+                    np.greater(part, hi, out=tmp)
+                    above += int(np.count_nonzero(tmp))
+                np.greater_equal(part, lo, out=sel)
+                np.less_equal(part, hi, out=tmp)
+                sel &= tmp
+                parts.append(torch.from_numpy(part[sel]))
+        else:
+            for s in range(0, n, step):
+                part = a[s: s + step]
+                if hi != math.inf:
+                    above += int(torch.count_nonzero(part > hi))
+                sel = part >= lo
+                sel &= part <= hi
+                parts.append(part[sel])
         cand = torch.cat(parts)
         r = k - above                 # rank of the target among cand, from the top
         if 1 <= r <= cand.numel():

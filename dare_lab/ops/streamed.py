@@ -32,6 +32,7 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from dare_lab.ops import merge as mergers
@@ -59,6 +60,11 @@ def workspace(key: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
     return buf[:numel]
 
 
+def _bools(key: str, numel: int) -> np.ndarray:
+    """A per-thread bool scratch array (numpy view of a :func:`workspace` buffer)."""
+    return workspace(key, numel, torch.bool).numpy()
+
+
 def release_workspace() -> None:
     """Drop this thread's scratch buffers."""
     _local.bufs = {}
@@ -77,15 +83,31 @@ class TopKStream:
             return torch.ones_like(a, dtype=torch.bool)
         if self.none:
             return torch.zeros_like(a, dtype=torch.bool)
-        keep = a > self.threshold
+        return torch.from_numpy(self._keep(a.numpy(), np.empty(a.numel(), dtype=bool)))
+
+    def trim_(self, x: torch.Tensor, a: torch.Tensor, keep: np.ndarray) -> None:
+        """Zero the entries of chunk ``x`` that the mask drops, in place (``a`` = |x|, ``keep`` a
+        bool scratch of the chunk's size). ``x · keep`` equals ``where(keep, x, 0)`` up to the
+        sign of 0, which no later step can see (see the module docstring)."""
+        if self.all:
+            return
+        if self.none:
+            x.zero_()
+            return
+        xn = x.numpy()
+        np.multiply(xn, self._keep(a.numpy(), keep), out=xn)
+
+    def _keep(self, an: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        # numpy: its compares into bool buffers run several times faster than torch's on CPU
+        np.greater(an, self.threshold, out=keep)
         if self.quota > 0:
-            eq = a == self.threshold
-            c = int(torch.count_nonzero(eq))
+            eq = np.equal(an, self.threshold)
+            c = int(np.count_nonzero(eq))
             if c and c <= self.quota:
                 keep |= eq
                 self.quota -= c
             elif c:
-                keep[torch.nonzero(eq).flatten()[: self.quota]] = True
+                keep[np.flatnonzero(eq)[: self.quota]] = True
                 self.quota = 0
         return keep
 
@@ -238,7 +260,8 @@ class StreamedMerge:
         mags = [self._fresh_mag(k) for k in range(K)]
         cuts = list(self.cut)  # consumed by this pass only
         mg = self.mg
-        pos = neg = 0
+        balance = 0
+        sum_dtype = self.dtype if self.chunk <= 1 << 24 else torch.float64
         amb: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for s, e in self._chunks():
             bf = self._base(s, e)
@@ -265,29 +288,36 @@ class StreamedMerge:
             for k in range(K):
                 d = self._sparsified(k, masks[k], mags[k], bf, self._theta(k, s, e), workspace(f"x{k}", self.chunk, self.dtype)[:m])
                 if cuts[k] is not None and not cuts[k].all:
-                    d.mul_(cuts[k].mask(d.abs()))     # = where(keep, d, 0) up to the sign of 0
+                    cuts[k].trim_(d, torch.abs(d, out=workspace("tabs", self.chunk, self.dtype)[:m]), _bools("keep", self.chunk)[:m])
                 trimmed.append(d)
             electors = [t * w for w, t in zip(self.weights, trimmed)] if mg.weighted_election else trimmed
             total = workspace("total", self.chunk, self.dtype)[:m].zero_()
             for t in electors:
                 total.add_(t)
-            sign = torch.sign(total)
-            pos += int(torch.count_nonzero(sign > 0))
-            neg += int(torch.count_nonzero(sign < 0))
-            zero = sign == 0
-            elected = sign.add_(zero)                 # provisional majority +1 where the sum is 0
+            sign = torch.sign(total, out=total)
+            balance += int(sign.sum(dtype=sum_dtype))   # #(+1) − #(−1): partial sums are integers ≤ m, exact
+            sn = sign.numpy()
+            zero = np.equal(sn, 0, out=_bools("zero", self.chunk)[:m])
+            np.add(sn, zero, out=sn)                  # provisional majority +1 where the sum is 0
+            elected = sign
             if mg.merge_func == "max":
                 merged = mergers.ties_disjoint_merge(trimmed, elected, mg.merge_func, self.weights)
             else:
                 merged = self._disjoint_sum(trimmed, elected, m)
-            out = bf + merged.mul_(mg.scaling)
+            if mg.scaling != 1.0:
+                merged.mul_(mg.scaling)
+            out = torch.add(bf, merged, out=merged)
             if not _finite(out):
                 raise NonFiniteChunk
             emit(s, out)
-            nonzero = trimmed[0] != 0
+            if not zero.any():
+                continue
+            nonzero = np.not_equal(trimmed[0].numpy(), 0, out=_bools("nz", self.chunk)[:m])
+            other = _bools("nz2", self.chunk)[:m]
             for t in trimmed[1:]:
-                nonzero |= t != 0
-            idx = torch.nonzero(zero & nonzero).flatten()
+                nonzero |= np.not_equal(t.numpy(), 0, out=other)
+            nonzero &= zero
+            idx = torch.from_numpy(np.flatnonzero(nonzero))
             if idx.numel():
                 sub = [t[idx] for t in trimmed]
                 alts = []
@@ -296,7 +326,7 @@ class StreamedMerge:
                     alts.append(bf[idx] + mergers.ties_disjoint_merge(sub, el, mg.merge_func, self.weights).mul_(mg.scaling))
                 amb.append((idx + s, alts[0], alts[1]))
         if mg.kind == "ties" and amb:
-            majority = (pos > neg) - (pos < neg)
+            majority = (balance > 0) - (balance < 0)
             if majority != 1:
                 which = 1 if majority == -1 else 2
                 idx = torch.cat([a[0] for a in amb])

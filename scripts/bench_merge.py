@@ -138,9 +138,20 @@ def _build_checkpoint(cache: Path, size: str, index: int, shard_bytes: int = 1 <
     return out
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs from /proc/stat ((0, 0) where it is missing)."""
+    try:
+        with open("/proc/stat") as fh:
+            vals = [int(v) for v in fh.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return 0, 0
+    return vals[7], sum(vals)
+
+
 def run_measured(cmd: list[str], env: dict | None = None) -> dict:
     os.sync()  # no write-back of an earlier run's (unsynced) output may overlap this one
     time.sleep(1.0)
+    steal0, total0 = cpu_ticks()
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     # read pipes in threads so the child never blocks, then reap it with wait4 for its rusage
@@ -161,7 +172,10 @@ def run_measured(cmd: list[str], env: dict | None = None) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd[:3]))} failed ({proc.returncode}):\n{bufs['err'].decode()[-3000:]}")
-    return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss_gb": ru.ru_maxrss * 1024 / 1e9, "stdout": bufs["out"].decode()}
+    steal1, total1 = cpu_ticks()
+    steal = (steal1 - steal0) / (total1 - total0) if total1 > total0 else 0.0
+    return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss_gb": ru.ru_maxrss * 1024 / 1e9, "steal": steal,
+            "stdout": bufs["out"].decode()}
 
 
 def dare_lab_cmd(base: Path, models: list[Path], method: dict, out: Path, threads: int) -> list[str]:
@@ -274,8 +288,10 @@ def main() -> None:
                     r = run_measured(mergekit_cmd(args.mergekit, base, models, key, out, scratch), {**os.environ, "HF_HUB_OFFLINE": "1"})
                     r.pop("stdout")
                 shutil.rmtree(out, ignore_errors=True)
+                r["rep"] = rep
                 runs.setdefault((key, tool), []).append(r)
-                print(f"  {key:10s} {tool:9s} wall {r['wall']:7.2f} s  cpu {r['cpu']:7.2f} s  rss {r['rss_gb']:.2f} GB", flush=True)
+                print(f"  {key:10s} {tool:9s} wall {r['wall']:7.2f} s  cpu {r['cpu']:7.2f} s  rss {r['rss_gb']:.2f} GB  "
+                      f"steal {100 * r['steal']:.0f} %", flush=True)
 
     floor = {k: median([f[k] for f in floors]) for k in floors[0]}
     scaling = run_scaling(args, cache, scratch, env) if args.scaling else []
@@ -284,7 +300,7 @@ def main() -> None:
 
 
 def summarise(runs: list[dict]) -> dict:
-    out = {k: median([r[k] for r in runs]) for k in ("wall", "cpu", "rss_gb")}
+    out = {k: median([r[k] for r in runs]) for k in ("wall", "cpu", "rss_gb", "steal")}
     if "merge_s" in runs[0]:
         out["merge_s"] = median([r["merge_s"] for r in runs])
         out["import_s"] = median([r["import_s"] for r in runs])
@@ -403,6 +419,17 @@ def write_report(args, keys, extras, runs, floor, scaling, delta) -> None:
               "mergekit's `dare_ties` with `normalize: true`.",
               "- `dare_ta_geo` (dare_lab only): the `geometric` mask sampler, same Bernoulli(1−p) law, different masks, "
               "recorded in the merge metadata; `torch_rand` stays the default and is what the four main rows use.", ""]
+    paired = [(r, mk_run, dl_run) for r in rows for mk_run in runs.get((r["key"], "mergekit"), [])
+              for dl_run in runs[(r["key"], "dare_lab")] if dl_run["rep"] == mk_run["rep"]]
+    if paired:
+        lines += ["## Paired runs (the same repetition, tools back to back)", "",
+                  "CPU steal = share of the machine's CPU time the hypervisor gave to other guests while the run "
+                  "lasted (`/proc/stat`); it slows both tools, never equally.", "",
+                  "| merge | rep | mergekit wall | steal | dare_lab wall | steal | speedup |", "|---|---|---|---|---|---|---|"]
+        for r, mk_run, dl_run in paired:
+            lines.append(f"| {r['merge']} | {mk_run['rep']} | {mk_run['wall']:.1f} s | {100 * mk_run['steal']:.0f} % | "
+                         f"{dl_run['wall']:.2f} s | {100 * dl_run['steal']:.0f} % | {mk_run['wall'] / dl_run['wall']:.1f}× |")
+        lines.append("")
     if scaling:
         lines += ["## Scaling (dare_lab; one run each)", "",
                   "| size | K | method | params read | merge only | ns / param read | peak RSS |", "|---|---|---|---|---|---|---|"]

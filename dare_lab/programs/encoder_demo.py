@@ -179,7 +179,13 @@ def _print_table(table: list[dict], tasks: list[str], elapsed: float, t_pool: fl
     settings: dict[tuple[str, str], dict[str, dict]] = {}
     for r in table:
         settings.setdefault((r["section"], r["setting"]), {})[r["task"]] = r
-    header = f"{'':10s} {'setting':22s} " + " ".join(f"{t + ' acc':>14s}" for t in tasks) + f" {'avg':>7s}"
+
+    def label_of(setting: str, per: dict[str, dict]) -> str:
+        lam = next(iter(per.values())).get("scaling")
+        return setting + (f" (λ={lam:g})" if lam is not None else "")
+
+    width = max([22] + [len(label_of(s, per)) for (_, s), per in settings.items()])
+    header = f"{'':10s} {'setting':{width}s} " + " ".join(f"{t + ' acc':>14s}" for t in tasks) + f" {'avg':>7s}"
     print("\n" + header)
     print("-" * len(header))
     for (section, setting), per in settings.items():
@@ -194,9 +200,7 @@ def _print_table(table: list[dict], tasks: list[str], elapsed: float, t_pool: fl
             std = r.get(PRIMARY + "_std")
             cells.append(f"{100 * v:8.2f}" + (f" ±{100 * std:4.1f}" if std is not None else "      "))
         avg = f"{100 * sum(vals) / len(vals):7.2f}" if section == "merge" or section == "single" else f"{'':7s}"
-        lam = next(iter(per.values())).get("scaling")
-        label = setting + (f" (λ={lam:g})" if lam is not None else "")
-        print(f"{section:10s} {label:22s} " + " ".join(cells) + f" {avg}")
+        print(f"{section:10s} {label_of(setting, per):{width}s} " + " ".join(cells) + f" {avg}")
     print(f"\n(accuracy in %, test split; DARE rows: each task model alone, θ_PRE + DARE(δ, p); "
           f"merge rows: merged body + each task's own head)\ntotal {elapsed:.0f} s, of which pool/fine-tuning {t_pool:.0f} s")
 

@@ -145,3 +145,15 @@ def test_top_magnitude_mask_breaks_ties_by_lowest_index():
     ties = torch.nonzero(keep & (x.abs() == 2.0)).flatten()
     assert int(keep.sum()) == 24_005 and ties.tolist() == [2, 4, 5, 9, 11]
     assert bool(keep[x.abs() == 3.0].all())
+
+
+@pytest.mark.parametrize("key", ["ties", "dare_ties", "ties_sum_w", "ties_max"])
+def test_files_with_majority_patches_equal_reference(key, tmp_path, monkeypatch):
+    """Negative majority: entries whose summed sign is 0 are patched in the written shards."""
+    base, models = make_pool(seed=11, negative=True)
+    base_dir, model_dirs = write_pool(tmp_path, base, models)
+    out = merge_models(base_dir, model_dirs, METHODS[key], tmp_path / "out", threads=2, max_shard_size="100KB")
+    merged = {}
+    for f in sorted(out.glob("*.safetensors")):
+        merged.update(load_file(f))
+    assert_bits_equal(reference(base, models, METHODS[key], monkeypatch), merged)

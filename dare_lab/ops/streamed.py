@@ -145,10 +145,6 @@ class StreamedMerge:
         self.cut: list[TopKStream | None] = [None] * len(self.models)
         self.mag_k = keep_count(n, sp.drop_rate) if self.sparse and sp.kind == "magnitude" else None
 
-    @property
-    def needs_patches(self) -> bool:
-        return self.mg.kind == "ties"
-
     # -- one model's sparsified delta on a chunk --------------------------------------------
     def _streams(self, k: int) -> MaskStream | None:
         if not self.random:
@@ -237,19 +233,29 @@ class StreamedMerge:
             if self.trim:
                 self.cut[k] = self._threshold(k, keep_count(self.n, 1.0 - self.mg.retain_ratio), after_sparsify=True)
 
-    def _disjoint_sum(self, trimmed: list[torch.Tensor], elected: torch.Tensor, m: int) -> torch.Tensor:
-        """``ties_disjoint_merge`` (mean/sum) for an elected sign without zeros: agree = [sign(t) = s]
-        (which implies t ≠ 0) as a 0/1 float, contributions t·w·agree."""
+    def _disjoint_sum(self, trimmed: list[torch.Tensor], elected: torch.Tensor, m: int,
+                      zero: np.ndarray | None = None) -> tuple[torch.Tensor, np.ndarray | None]:
+        """``ties_disjoint_merge`` (mean/sum) for an elected sign without zeros: agree = [t·s > 0]
+        (= [sign(t) = s], t ≠ 0) as a 0/1 float, contributions t·w·agree.
+
+        With ``zero`` (where the summed sign was 0 and +1 was assumed) also returns where that
+        assumption can matter: some model agrees with +1 there. (A sum of the trimmed deltas that
+        is exactly 0 with a nonzero entry needs a positive one, so this is "any t ≠ 0".)
+        """
         acc = workspace("dacc", self.chunk, self.dtype)[:m].zero_()
         count = workspace("dcount", self.chunk, self.dtype)[:m].zero_()
         agree = workspace("agree", self.chunk, self.dtype)[:m]
         for w, t in zip(self.weights, trimmed):
-            torch.sign(t, out=agree).mul_(elected).clamp_(min=0.0)
+            torch.mul(t, elected, out=agree).gt_(0.0)
             acc.addcmul_(t if w == 1.0 else t * w, agree)
             count.add_(agree)
+        amb = None
+        if zero is not None:
+            amb = np.greater(count.numpy(), 0, out=_bools("amb", self.chunk)[:m])
+            amb &= zero
         if self.mg.merge_func == "mean":
             acc.div_(count.clamp_(min=1))
-        return acc
+        return acc, amb
 
     # -- the main pass ---------------------------------------------------------------------------
     def run(self, emit: Callable[[int, torch.Tensor], None],
@@ -291,32 +297,41 @@ class StreamedMerge:
                     cuts[k].trim_(d, torch.abs(d, out=workspace("tabs", self.chunk, self.dtype)[:m]), _bools("keep", self.chunk)[:m])
                 trimmed.append(d)
             electors = [t * w for w, t in zip(self.weights, trimmed)] if mg.weighted_election else trimmed
-            total = workspace("total", self.chunk, self.dtype)[:m].zero_()
-            for t in electors:
-                total.add_(t)
+            total = workspace("total", self.chunk, self.dtype)[:m]
+            if K == 1:
+                total.copy_(electors[0])
+            else:
+                torch.add(electors[0], electors[1], out=total)   # = (0 + e0) + e1 up to the sign of 0
+                for t in electors[2:]:
+                    total.add_(t)
             sign = torch.sign(total, out=total)
             balance += int(sign.sum(dtype=sum_dtype))   # #(+1) − #(−1): partial sums are integers ≤ m, exact
             sn = sign.numpy()
             zero = np.equal(sn, 0, out=_bools("zero", self.chunk)[:m])
             np.add(sn, zero, out=sn)                  # provisional majority +1 where the sum is 0
             elected = sign
+            any_zero = bool(zero.any())
+            amb_mask = None
             if mg.merge_func == "max":
                 merged = mergers.ties_disjoint_merge(trimmed, elected, mg.merge_func, self.weights)
             else:
-                merged = self._disjoint_sum(trimmed, elected, m)
+                merged, amb_mask = self._disjoint_sum(trimmed, elected, m, zero if any_zero and not mg.weighted_election else None)
             if mg.scaling != 1.0:
                 merged.mul_(mg.scaling)
             out = torch.add(bf, merged, out=merged)
             if not _finite(out):
                 raise NonFiniteChunk
             emit(s, out)
-            if not zero.any():
+            if not any_zero:
                 continue
-            nonzero = np.not_equal(trimmed[0].numpy(), 0, out=_bools("nz", self.chunk)[:m])
-            other = _bools("nz2", self.chunk)[:m]
-            for t in trimmed[1:]:
-                nonzero |= np.not_equal(t.numpy(), 0, out=other)
-            nonzero &= zero
+            if amb_mask is not None:
+                nonzero = amb_mask
+            else:
+                nonzero = np.not_equal(trimmed[0].numpy(), 0, out=_bools("nz", self.chunk)[:m])
+                other = _bools("nz2", self.chunk)[:m]
+                for t in trimmed[1:]:
+                    nonzero |= np.not_equal(t.numpy(), 0, out=other)
+                nonzero &= zero
             idx = torch.from_numpy(np.flatnonzero(nonzero))
             if idx.numel():
                 sub = [t[idx] for t in trimmed]

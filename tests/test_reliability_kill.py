@@ -4,7 +4,7 @@ model, or nothing — never a directory that loads as a (partial) model.
 A child process merges a tiny Llama pool into many small shards with a slowed writer
 (``os.pwrite`` and ``os.replace`` wrapped with a sleep and a marker line — in the child
 only); the parent kills it with SIGKILL at several points: while importing, at random writes,
-between the two renames of an overwrite, and so on. After each kill a strict loader either
+just before and just after the atomic exchange of an overwrite, and so on. After each kill a strict loader either
 loads every tensor of the output (bit-identical to one of the two complete merges) or finds
 no output at all.
 """
@@ -52,7 +52,16 @@ def slow_replace(src, dst):
 say("START")
 from dare_lab.engine import merge_models
 from dare_lab.methods import build_method
-os.pwrite, os.replace = slow_pwrite, slow_replace
+import dare_lab.engine.writer as writer
+_exchange = writer.exchange
+def slow_exchange(a, b):
+    say(f"X {os.path.basename(str(a))}")
+    time.sleep(0.3)
+    out = _exchange(a, b)
+    say("X done")
+    time.sleep(0.3)
+    return out
+os.pwrite, os.replace, writer.exchange = slow_pwrite, slow_replace, slow_exchange
 base, out, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
 models = dict(a.split("=", 1) for a in sys.argv[4:])
 print("MERGE", flush=True)
@@ -121,8 +130,8 @@ def test_sigkill_during_merge_leaves_old_new_or_nothing(tiny_llama_pool, tmp_pat
     triggers = [
         ("during start-up", lambda line: line == "START"),
         *[(f"at write {k}", at_write(k)) for k in picks],
-        ("before the first rename", lambda line: line == "R merged"),  # old → trash not done yet
-        ("between the two renames", lambda line: line.startswith("R .merged.tmp-")),  # old gone, new not in place
+        ("just before the exchange", lambda line: line.startswith("X .merged.tmp-")),  # new complete, not in place
+        ("just after the exchange", lambda line: line == "X done"),  # new in place, old in a hidden sibling
         ("after the commit", lambda line: line == "DONE"),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "KILL_TEST_DELAY": "0.03",
@@ -149,6 +158,20 @@ def test_sigkill_during_merge_leaves_old_new_or_nothing(tiny_llama_pool, tmp_pat
         for p in outs[i].parent.iterdir():  # leftovers are hidden siblings only, never at the output path
             assert p == outs[i] or p.name.startswith(".merged."), p
     assert "CORRUPT" not in [s for _, s, _ in outcomes], outcomes
-    expected = ["old", "old", "old", "old", "none", "new"]
+    expected = ["old", "old", "old", "old", "new", "new"]
     assert [s for _, s, _ in outcomes] == expected, outcomes
     print("kill points survived:", len(outcomes), outcomes)
+
+
+def test_overwrite_without_atomic_exchange_falls_back_to_two_renames(tiny_llama_pool, tmp_path, monkeypatch):
+    """Where renameat2(RENAME_EXCHANGE) is unavailable, the old output is renamed aside first."""
+    import dare_lab.engine.writer as writer
+
+    pool = tiny_llama_pool
+    out = tmp_path / "merged"
+    merge_models(pool.base, pool.models, method(0), out)
+    monkeypatch.setattr(writer, "exchange", lambda a, b: False)
+    merge_models(pool.base, pool.models, method(1), out, overwrite=True)
+    new = merge_models(pool.base, pool.models, method(1), None)
+    assert same(strict_load(out), {k: v.contiguous() for k, v in new.items()})
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]

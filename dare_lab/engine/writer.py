@@ -8,9 +8,11 @@ order, and the output directory appears only when complete.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import sys
 import threading
 import uuid
 from collections.abc import Sequence
@@ -168,6 +170,38 @@ class ShardedSafetensorsWriter:
         return weight_map
 
 
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where
+    the platform or file system cannot, so the caller falls back to two renames."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (best effort: some file systems refuse fsync on directories)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class AtomicDir:
     """A temporary sibling directory renamed onto ``target`` only by :meth:`commit`.
 
@@ -193,12 +227,16 @@ class AtomicDir:
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if self.target.exists():
-            trash = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.target, trash)
-            os.replace(self.tmp, self.target)
-            shutil.rmtree(trash, ignore_errors=True)
+            if exchange(self.tmp, self.target):     # one atomic step: the target is never missing
+                shutil.rmtree(self.tmp, ignore_errors=True)   # now holds the previous output
+            else:
+                trash = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(self.target, trash)
+                os.replace(self.tmp, self.target)
+                shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(self.tmp, self.target)
+        _fsync_dir(self.target.parent)
         self.committed = True
         return self.target
 

@@ -107,6 +107,10 @@ def main() -> None:
              + (f" --threads {args.threads}" if args.threads else "") + "`.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    notes += ["generated_tokens: the decoded outputs re-tokenized (a random model's output re-tokenizes into "
+              "more tokens than it generated, so read tokens_per_s for SmolLM2 only)",
+              f"gsm_symbolic_acc: scored as the gsm_symbolic task does; at {args.max_new_tokens} new tokens most "
+              "chains of thought are cut before their answer, so this is a smoke figure, not the model's accuracy"]
     lines += [""] + [f"- {n}" for n in notes]
     (out / "generate.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / 'generate.md'}")

@@ -139,6 +139,24 @@ def test_kth_largest_equals_kthvalue(n, k, levels):
     assert greater == int((a > thr).sum())
 
 
+@pytest.mark.parametrize("k", [1, 5_000, 40_000, 100_000, 199_999])
+def test_kth_largest_on_mostly_zeros(k, monkeypatch):
+    """|δ| after DARE at p = 0.9: the sample brackets a single value (0); counted, never gathered."""
+    g = torch.Generator().manual_seed(k)
+    a = torch.rand(200_000, generator=g)
+    a[torch.rand(200_000, generator=g) < 0.9] = 0.0
+    gathered = []
+    monkeypatch.setattr(torch, "kthvalue", lambda t, i: gathered.append(t.numel()) or _kthvalue(t, i))
+    thr, greater = kth_largest(a, k)
+    ref = _kthvalue(a, a.numel() - k + 1).values
+    assert thr == ref and greater == int((a > ref).sum())
+    if ref == 0:
+        assert gathered == []   # the degenerate bracket answered by counting alone
+
+
+_kthvalue = torch.kthvalue
+
+
 def test_top_magnitude_mask_breaks_ties_by_lowest_index():
     x = torch.tensor([1.0, -3.0, 2.0, 3.0, 2.0, -2.0, 0.5] * 12_000)
     keep = top_magnitude_mask(x, 24_000 + 5)

@@ -175,6 +175,19 @@ def kth_largest(a: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
         lo = float(sample[lo_i]) if lo_i >= 0 else -math.inf
         hi = float(sample[hi_i]) if hi_i < m else math.inf
         above, parts = 0, []
+        v = float(sample[max(lo_i, 0)])
+        if v == float(sample[min(hi_i, m - 1)]):
+            # the bracket holds one value (a tie-heavy tensor, e.g. mostly zeros after DARE):
+            # count the entries above and at it instead of gathering them
+            count = np.count_nonzero if x is not None else torch.count_nonzero
+            inside = 0
+            for s in range(0, n, step):
+                part = x[s: s + step] if x is not None else a[s: s + step]
+                above += int(count(part > v))
+                inside += int(count(part == v))
+            if 1 <= k - above <= inside:
+                return torch.tensor(v, dtype=a.dtype, device=a.device), above
+            above = 0
         if x is not None:
             b1, b2 = np.empty(min(step, n), dtype=bool), np.empty(min(step, n), dtype=bool)
             for s in range(0, n, step):

@@ -119,7 +119,7 @@ def _merge_one(plan: TensorPlan, base: TensorSource, models: Mapping[str, Tensor
                 writer.write_range(plan.name, s, out)
 
             def patch_file(idx: torch.Tensor, vals: torch.Tensor) -> None:
-                _write_patches(writer, plan.name, idx, vals.to(target))
+                writer.patch(plan.name, idx, vals.to(target))
             try:
                 job.run(emit, patch_file)
             except NonFiniteChunk:
@@ -147,16 +147,6 @@ def _merge_one(plan: TensorPlan, base: TensorSource, models: Mapping[str, Tensor
         return result
     writer.write(plan.name, result)
     return None
-
-
-def _write_patches(writer: ShardedSafetensorsWriter, name: str, idx: torch.Tensor, vals: torch.Tensor) -> None:
-    """Overwrite single entries of an already written tensor (TIES' majority-sign patches),
-    one ``pwrite`` per run of consecutive indices (``idx`` ascending)."""
-    if idx.numel() == 0:
-        return
-    breaks = (torch.nonzero(idx[1:] - idx[:-1] != 1).flatten() + 1).tolist()
-    for a, b in zip([0, *breaks], [*breaks, idx.numel()]):
-        writer.write_range(name, int(idx[a]), vals[a:b].contiguous())
 
 
 def _run_all(plans: list[TensorPlan], work: Callable[[TensorPlan], torch.Tensor | None], threads: int,

@@ -99,7 +99,7 @@ class ShardedSafetensorsWriter:
         with self._lock:
             fd = self._fds.get(file)
             if fd is None:
-                fd = self._fds[file] = os.open(file, os.O_WRONLY)
+                fd = self._fds[file] = os.open(file, os.O_RDWR)
             return fd
 
     def _pwrite(self, file: Path, data: torch.Tensor, offset: int) -> None:
@@ -136,6 +136,27 @@ class ShardedSafetensorsWriter:
         if start < 0 or (start + chunk.numel()) * size > nbytes:
             raise ValueError(f"tensor {name!r}: entries [{start}, {start + chunk.numel()}) are out of range")
         self._pwrite(file, chunk, offset + start * size)
+
+    def patch(self, name: str, idx: torch.Tensor, values: torch.Tensor) -> None:
+        """Overwrite entries ``idx`` (ascending) of an already written tensor: the span they
+        cover is read back, patched in memory and written again (one read, one write)."""
+        if idx.numel() == 0:
+            return
+        file, offset, nbytes, dtype, shape = self._where[name]
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        size = torch.empty((), dtype=dtype).element_size()
+        if lo < 0 or hi * size > nbytes:
+            raise ValueError(f"tensor {name!r}: patch entries [{lo}, {hi}) are out of range")
+        span = torch.empty(hi - lo, dtype=dtype)
+        raw = span.view(torch.uint8).numpy()
+        fd, got = self._fd(file), 0
+        while got < raw.nbytes:
+            n = os.preadv(fd, [raw[got:]], offset + lo * size + got)
+            if n <= 0:
+                raise OSError(f"short read while patching tensor {name!r}")
+            got += n
+        span[idx - lo] = values.to(dtype)
+        self._pwrite(file, span, offset + lo * size)
 
     def done(self, name: str) -> None:
         with self._lock:

@@ -119,7 +119,7 @@ def _merge_one(plan: TensorPlan, base: TensorSource, models: Mapping[str, Tensor
                 writer.write_range(plan.name, s, out)
 
             def patch_file(idx: torch.Tensor, vals: torch.Tensor) -> None:
-                writer.patch(plan.name, idx, vals.to(target))
+                writer.patch(plan.name, idx, vals)
             try:
                 job.run(emit, patch_file)
             except NonFiniteChunk:
@@ -143,10 +143,7 @@ def _merge_one(plan: TensorPlan, base: TensorSource, models: Mapping[str, Tensor
     finally:
         for r in readers:
             r.close()
-    if writer is None:
-        return result
-    writer.write(plan.name, result)
-    return None
+    return result
 
 
 def _run_all(plans: list[TensorPlan], work: Callable[[TensorPlan], torch.Tensor | None], threads: int,

@@ -233,6 +233,17 @@ class StateDictSource:
         return ChunkReader.of_tensor(self.get(name))
 
 
+def pread_exact(fd: int, out: torch.Tensor, pos: int) -> None:
+    """Fill the contiguous CPU tensor ``out`` with the bytes of ``fd`` from offset ``pos``."""
+    raw = out.view(torch.uint8).numpy()
+    got = 0
+    while got < raw.nbytes:
+        n = os.preadv(fd, [raw[got:]], pos + got)
+        if n <= 0:
+            raise OSError(f"short read at byte {pos + got}")
+        got += n
+
+
 class ChunkReader:
     """``reader(start, stop)`` → entries [start, stop) of a tensor's flat data, storage dtype.
 
@@ -261,14 +272,7 @@ class ChunkReader:
         from dare_lab.ops.streamed import workspace
 
         buf = workspace(self.key, stop - start, self.dtype)
-        raw = buf.view(torch.uint8).numpy()
-        want, got = raw.nbytes, 0
-        pos = self.offset + start * self.itemsize
-        while got < want:
-            n = os.preadv(self.fd, [raw[got:]], pos + got)
-            if n <= 0:
-                raise OSError(f"short read at byte {pos + got}")
-            got += n
+        pread_exact(self.fd, buf, self.offset + start * self.itemsize)
         return buf
 
     def close(self) -> None:

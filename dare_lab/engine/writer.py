@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dare_lab.engine.sources import SAFE_DTYPES
+from dare_lab.engine.sources import SAFE_DTYPES, pread_exact
 
 _DTYPE_CODE = {v: k for k, v in SAFE_DTYPES.items()}
 
@@ -148,13 +148,7 @@ class ShardedSafetensorsWriter:
         if lo < 0 or hi * size > nbytes:
             raise ValueError(f"tensor {name!r}: patch entries [{lo}, {hi}) are out of range")
         span = torch.empty(hi - lo, dtype=dtype)
-        raw = span.view(torch.uint8).numpy()
-        fd, got = self._fd(file), 0
-        while got < raw.nbytes:
-            n = os.preadv(fd, [raw[got:]], offset + lo * size + got)
-            if n <= 0:
-                raise OSError(f"short read while patching tensor {name!r}")
-            got += n
+        pread_exact(self._fd(file), span, offset + lo * size)
         span[idx - lo] = values.to(dtype)
         self._pwrite(file, span, offset + lo * size)
 

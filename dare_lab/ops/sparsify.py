@@ -168,8 +168,10 @@ def kth_largest(a: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     margin = 4.0 * math.sqrt(m * (k / n) * (1 - k / n)) + 8
     # numpy's compares, counts and boolean gathers run ~2x faster than torch's on one CPU thread;
     # slices keep the boolean temporaries small (cache-sized for numpy)
-    x = a.detach().numpy() if a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64) else None
-    step = 1 << 16 if x is not None else 1 << 22
+    on_numpy = a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64)
+    vals = a.detach().numpy() if on_numpy else a
+    step = 1 << 16 if on_numpy else 1 << 22
+    count = np.count_nonzero if on_numpy else torch.count_nonzero
     while True:
         lo_i, hi_i = int(centre - margin), int(centre + margin)
         lo = float(sample[lo_i]) if lo_i >= 0 else -math.inf
@@ -179,35 +181,21 @@ def kth_largest(a: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
         if v == float(sample[min(hi_i, m - 1)]):
             # the bracket holds one value (a tie-heavy tensor, e.g. mostly zeros after DARE):
             # count the entries above and at it instead of gathering them
-            count = np.count_nonzero if x is not None else torch.count_nonzero
             inside = 0
             for s in range(0, n, step):
-                part = x[s: s + step] if x is not None else a[s: s + step]
+                part = vals[s: s + step]
                 above += int(count(part > v))
                 inside += int(count(part == v))
             if 1 <= k - above <= inside:
                 return torch.tensor(v, dtype=a.dtype, device=a.device), above
             above = 0
-        if x is not None:
-            b1, b2 = np.empty(min(step, n), dtype=bool), np.empty(min(step, n), dtype=bool)
-            for s in range(0, n, step):
-                part = x[s: s + step]
-                sel, tmp = b1[: part.size], b2[: part.size]
-                if hi != math.inf:
-                    np.greater(part, hi, out=tmp)
-                    above += int(np.count_nonzero(tmp))
-                np.greater_equal(part, lo, out=sel)
-                np.less_equal(part, hi, out=tmp)
-                sel &= tmp
-                parts.append(torch.from_numpy(part[sel]))
-        else:
-            for s in range(0, n, step):
-                part = a[s: s + step]
-                if hi != math.inf:
-                    above += int(torch.count_nonzero(part > hi))
-                sel = part >= lo
-                sel &= part <= hi
-                parts.append(part[sel])
+        for s in range(0, n, step):
+            part = vals[s: s + step]
+            if hi != math.inf:
+                above += int(count(part > hi))
+            sel = part >= lo
+            sel &= part <= hi
+            parts.append(torch.as_tensor(part[sel]))
         cand = torch.cat(parts)
         r = k - above                 # rank of the target among cand, from the top
         if 1 <= r <= cand.numel():

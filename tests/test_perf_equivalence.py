@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dare_lab.engine.merge as engine
+import dare_lab.ops.streamed as streamed
+from dare_lab.ops import fused
 from dare_lab.engine import merge_models, merge_state_dicts
 from dare_lab.ops.method import MergeMethod, Merger, Sparsifier
 from dare_lab.ops.sparsify import kth_largest, top_magnitude_mask
@@ -64,9 +66,13 @@ def reference(base, models, method, monkeypatch):
         return merge_state_dicts(base, models, method)
 
 
-@pytest.fixture(autouse=True)
-def small_chunks(monkeypatch):
+@pytest.fixture(autouse=True, params=[True, False] if fused.AVAILABLE else [False], ids=["compiled", "torch"])
+def small_chunks(request, monkeypatch):
+    """Every test runs with the compiled TIES loops and with the torch code (same bits)."""
     monkeypatch.setattr(engine, "_CHUNK", 4096)
+    monkeypatch.setattr(streamed, "FUSED", request.param)
+    # the sampled-bracket threshold pass from 16K entries (so these small tensors take it)
+    monkeypatch.setattr(streamed, "BRACKET_MIN", 1 << 14)
 
 
 def assert_bits_equal(a, b):
@@ -175,3 +181,23 @@ def test_files_with_majority_patches_equal_reference(key, tmp_path, monkeypatch)
     for f in sorted(out.glob("*.safetensors")):
         merged.update(load_file(f))
     assert_bits_equal(reference(base, models, METHODS[key], monkeypatch), merged)
+
+
+def test_compiled_loops_are_used():
+    assert fused.AVAILABLE, "numba is a dependency: the compiled TIES loops must load"
+
+
+@pytest.mark.parametrize("lo_hi", [(0.0, 1e-9), (0.5, 1.0), (0.0, 0.0)], ids=["below", "above", "empty"])
+def test_missed_bracket_falls_back_to_the_exact_search(lo_hi, monkeypatch):
+    """A sampled bracket that misses the k-th value (rows of very different scale, say) must
+    still give the exact threshold: the whole-|δ| search runs for that model."""
+    monkeypatch.setattr(streamed, "sample_bracket", lambda *a, **k: lo_hi)
+    calls = []
+    orig = streamed.StreamedMerge._threshold
+    monkeypatch.setattr(streamed.StreamedMerge, "_threshold", lambda self, *a, **k: calls.append(a) or orig(self, *a, **k))
+    base, models = make_pool(seed=5)
+    method = METHODS["ties"]
+    fast = merge_state_dicts(base, models, method)
+    assert_bits_equal(reference(base, models, method, monkeypatch), fast)
+    if streamed.FUSED:
+        assert calls, "the fallback search did not run"

@@ -28,9 +28,12 @@ a top-k threshold is searched.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 import threading
 from collections.abc import Callable, Sequence
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -38,9 +41,31 @@ import torch
 from dare_lab.ops import merge as mergers
 from dare_lab.ops.method import MergeMethod
 from dare_lab.ops.seeding import tensor_generator
-from dare_lab.ops.sparsify import MaskStream, keep_count, kth_largest
+from dare_lab.ops.sparsify import MaskStream, keep_count, kth_largest, rank_from_top, sample_bracket
 
 CHUNK = 1 << 18
+BRACKET_MIN = 1 << 20          # tensors from this size find TIES thresholds by a sampled bracket
+SAMPLE_BLOCKS, SAMPLE_WIDTH = 64, 1024   # the bracket's sample: 64 evenly spread blocks of 1024 entries
+BRACKET_WIDEN = 1.5            # bracket half-width in units of kth_largest's (4 binomial σ + 8 ranks)
+BRACKET_SHARE = 0.025          # share of entries inside such a bracket at worst (median k); capacity 6×
+MAX_COUNTED_VALUES = 8         # tie-heavy brackets: up to this many values are counted instead of gathered
+FUSED = importlib.util.find_spec("numba") is not None and not os.environ.get("DARE_LAB_NO_NUMBA")
+"""Use the compiled TIES loops (:mod:`dare_lab.ops.fused`) where they apply; tests switch them
+off to check that both paths give the same bits."""
+_KERNELS: ModuleType | bool | None = None
+
+
+def compiled_kernels() -> ModuleType | None:
+    """:mod:`dare_lab.ops.fused`, imported on first use (numba costs ~0.3 s to import, and only
+    TIES merges need it); None where it does not import."""
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            from dare_lab.ops import fused
+            _KERNELS = fused if fused.AVAILABLE else False
+        except ImportError:
+            _KERNELS = False
+    return _KERNELS or None
 
 _local = threading.local()
 
@@ -121,6 +146,41 @@ def _finite(x: torch.Tensor) -> bool:
     return math.isfinite(float(x.sum(dtype=torch.float32) if x.dtype == torch.float32 else x.sum()))
 
 
+class _Bracket:
+    """One model's threshold search in :meth:`StreamedMerge._bracketed_thresholds`: the bracket
+    [lo, hi], the counted values with #(|δ| > v) / #(|δ| ≥ v), or the gathered entries."""
+
+    def __init__(self, lo: float, hi: float, vals: np.ndarray, gather: bool, n: int = 0):
+        self.lo, self.hi = np.float32(lo), np.float32(hi)
+        self.vals = vals.astype(np.float32)
+        self.gt = np.zeros(self.vals.shape[0], np.int64)
+        self.ge = np.zeros(self.vals.shape[0], np.int64)
+        self.gather = gather
+        self.cand = np.empty(max(1 << 16, int(n * 6 * BRACKET_SHARE)) if gather else 1, np.float32)
+        self.above = self.inside = 0
+
+    def result(self, keep: int) -> tuple[float, int] | None:
+        """(k-th largest |δ|, #entries above it), or None where the counts do not pin it."""
+        if not self.gather:
+            hit = np.flatnonzero((self.gt < keep) & (keep <= self.ge))
+            return (float(self.vals[hit[0]]), int(self.gt[hit[0]])) if hit.shape[0] else None
+        r = keep - self.above          # rank among the gathered entries, from the top
+        if not 1 <= r <= self.inside <= self.cand.shape[0]:
+            return None
+        thr, greater = rank_from_top(self.cand[: self.inside], r)
+        return thr, greater + self.above
+
+    def between(self, keep: int, n: int) -> "_Bracket | None":
+        """A gathering bracket strictly between the counted values around the k-th largest (a
+        value v with #(|δ| > v) ≥ k lies below it; one with #(|δ| ≥ v) < k above), within [lo, hi]."""
+        below = self.vals[self.gt >= keep]
+        above = self.vals[self.ge < keep]
+        lo = np.nextafter(below.max(), np.float32(np.inf)) if below.shape[0] else self.lo
+        hi = np.nextafter(above.min(), np.float32(-np.inf)) if above.shape[0] else self.hi
+        lo, hi = max(lo, self.lo), min(hi, self.hi)
+        return _Bracket(lo, hi, np.zeros(0, np.float32), gather=True, n=n) if lo <= hi else None
+
+
 class StreamedMerge:
     """One tensor of one merge: ``run(emit, patch)`` streams the merged tensor.
 
@@ -144,6 +204,10 @@ class StreamedMerge:
         self.mag: list[TopKStream | None] = [None] * len(self.models)
         self.cut: list[TopKStream | None] = [None] * len(self.models)
         self.mag_k = keep_count(n, sp.drop_rate) if self.sparse and sp.kind == "magnitude" else None
+        # the compiled TIES loop covers mean/sum in float32 (the common case); max and float64 stay on torch
+        wanted = FUSED and mg.kind == "ties" and mg.merge_func in ("mean", "sum") and dtype == torch.float32
+        self.kern = compiled_kernels() if wanted else None
+        self.fused = self.kern is not None
 
     # -- one model's sparsified delta on a chunk --------------------------------------------
     def _streams(self, k: int) -> MaskStream | None:
@@ -214,6 +278,10 @@ class StreamedMerge:
             th = self._theta(k, s, e)
             if after_sparsify:
                 x = self._sparsified(k, mask, mag, bf, th, scratch[: e - s])
+            elif self.fused and self.sp.target == "delta":
+                if not self.kern.abs_delta(self._kernel_input(th, "x0"), bf.numpy(), a[s:e].numpy()):
+                    raise NonFiniteChunk
+                continue
             else:
                 x = scratch[: e - s].copy_(th)
                 if self.sp.target == "delta":
@@ -222,11 +290,88 @@ class StreamedMerge:
         thr, greater = kth_largest(a, keep)
         return TopKStream(self.n, keep, float(thr), greater)
 
+    def _bracketed_thresholds(self, keep: int) -> list[TopKStream | None]:
+        """TIES trim thresholds of all models in one pass, without holding |δ| (compiled path).
+
+        A block sample of each model's |δ| (spread over the whole tensor) brackets its k-th
+        largest value (:func:`sample_bracket`). Where a few values tie heavily inside the
+        bracket (bf16 checkpoints), one pass counts the entries above and at each of them, which
+        pins the k-th value when it is one of them; otherwise (or when it lies between them: a
+        second pass for that model, bracketed by the values around it) the pass counts the
+        entries above the bracket and gathers those inside, and the k-th value is selected among
+        them. A model whose bracket missed gets ``None``: the caller runs the exact whole-|δ|
+        search for it.
+        """
+        K, n = len(self.models), self.n
+        blocks, width = SAMPLE_BLOCKS, SAMPLE_WIDTH
+        starts = [(j * (n - width)) // (blocks - 1) for j in range(blocks)]
+
+        def sample_of(read: Reader) -> torch.Tensor:
+            buf = workspace("sample", blocks * width, self.dtype)
+            for j, s0 in enumerate(starts):
+                buf[j * width:(j + 1) * width].copy_(read(s0, s0 + width))
+            return buf
+
+        base_sample = sample_of(self.read_base).clone()
+        plans: dict[int, _Bracket] = {}
+        for k in range(K):
+            sample = sample_of(self.read_models[k]).sub_(base_sample).abs_().numpy()
+            sample = np.sort(sample[~np.isnan(sample)])
+            if sample.shape[0] < 2:
+                return [None] * K
+            lo, hi = sample_bracket(sample, n, keep, widen=BRACKET_WIDEN)
+            inner = sample[(sample >= lo) & (sample <= hi)]
+            uniq, mult = np.unique(inner, return_counts=True)
+            top = np.argsort(-mult, kind="stable")[:MAX_COUNTED_VALUES]
+            heavy = mult[top] * 20 >= inner.shape[0]             # values holding ≥ 5 % of the bracket
+            if mult[top][heavy].sum() * 2 >= inner.shape[0]:     # together at least half of it: count them
+                plans[k] = _Bracket(lo, hi, np.sort(uniq[top][heavy]), gather=False)
+            else:
+                plans[k] = _Bracket(lo, hi, np.zeros(0, np.float32), gather=True, n=n)
+        self._bracket_pass(plans)
+        out: list[TopKStream | None] = [p.result(keep) for k, p in sorted(plans.items())]
+        # counted values that do not hold the k-th: gather between the two around it
+        again = {k: p.between(keep, n) for k, p in plans.items() if out[k] is None and not p.gather}
+        again = {k: p for k, p in again.items() if p is not None}
+        if again:
+            self._bracket_pass(again)
+            for k, p in again.items():
+                out[k] = p.result(keep)
+        return [None if r is None else TopKStream(n, keep, r[0], r[1]) for r in out]
+
+    def _bracket_pass(self, plans: dict[int, "_Bracket"]) -> None:
+        T = workspace("T2", 2 * self.kern.BLOCK, torch.float32).view(2, self.kern.BLOCK).numpy()
+        for s, e in self._chunks():
+            b = self._kernel_input(self.read_base(s, e), "base")
+            for k, p in plans.items():
+                th = self._kernel_input(self.read_models[k](s, e), "x0")
+                status, up, p.inside = self.kern.bracket_chunk(th, b, p.lo, p.hi, p.vals, p.gt, p.ge, p.gather, p.cand,
+                                                           p.inside, T)
+                if status:
+                    raise NonFiniteChunk
+                p.above += up
+
+    def _kernel_input(self, raw: torch.Tensor, key: str) -> np.ndarray:
+        """A storage-dtype chunk as the compiled loops read it: bf16 bits or float32 as they are
+        (no conversion pass), other dtypes converted into the float32 workspace ``key``."""
+        view = self.kern.kernel_view(raw)
+        if view is None:
+            view = workspace(key, self.chunk, torch.float32)[: raw.numel()].copy_(raw).numpy()
+        return view
+
     def _fresh_mag(self, k: int) -> TopKStream | None:
         st = self.mag[k]
         return None if st is None else TopKStream(self.n, self.mag_k, st.threshold, self.mag_k - st.quota)
 
     def prepare(self) -> None:
+        keep = keep_count(self.n, 1.0 - self.mg.retain_ratio)
+        if self.trim and self.fused and not self.sparse and self.sp.target == "delta" and 0 < keep < self.n \
+                and self.n >= BRACKET_MIN:
+            self.cut = self._bracketed_thresholds(keep)
+            for k in range(len(self.models)):
+                if self.cut[k] is None:     # the sample's bracket missed (rare): exact search over the whole |δ|
+                    self.cut[k] = self._threshold(k, keep, after_sparsify=True)
+            return
         for k in range(len(self.models)):
             if self.mag_k is not None:
                 self.mag[k] = self._threshold(k, self.mag_k, after_sparsify=False)
@@ -257,6 +402,78 @@ class StreamedMerge:
             acc.div_(count.clamp_(min=1))
         return acc, amb
 
+    # -- compiled TIES (mean / sum, float32) ---------------------------------------------------
+    def _fused_state(self, cuts: list[TopKStream | None]) -> dict:
+        """Per-tensor arrays of the compiled loop: trim mode, threshold and tie quota per model."""
+        K = len(self.models)
+        mode = np.full(K, self.kern.KEEP_ALL, dtype=np.int8)
+        thr = np.zeros(K, dtype=np.float32)
+        quota = np.zeros(K, dtype=np.int64)
+        for k, c in enumerate(cuts):
+            if c is None or c.all:
+                continue
+            if c.none:
+                mode[k] = self.kern.KEEP_NONE
+            else:
+                mode[k], thr[k], quota[k] = self.kern.THRESHOLD, c.threshold, c.quota
+        return {"mode": mode, "thr": thr, "quota": quota, "w": np.asarray(self.weights, dtype=np.float32),
+                "D": workspace("D", K * self.chunk, torch.float32).view(K, self.chunk),
+                "amb_idx": workspace("amb_idx", self.chunk, torch.int64).numpy(),
+                "amb_t": workspace("amb_t", K * self.chunk, torch.float32).view(K, self.chunk).numpy(),
+                "T": workspace("T", (K + 4) * self.kern.BLOCK, torch.float32).view(K + 4, self.kern.BLOCK).numpy()}
+
+    def _ties_fused(self, s: int, e: int, masks: list, mags: list, st: dict,
+                    emit: Callable[[int, torch.Tensor], None], amb: list) -> int:
+        """One chunk of TIES through :func:`dare_lab.ops.fused.ties_chunk`; returns its sign balance."""
+        m, mg, K = e - s, self.mg, len(self.models)
+        if self.sparse:
+            bf = self._base(s, e)
+            D = st["D"]
+            rows = []
+            for k in range(K):
+                x = self._sparsified(k, masks[k], mags[k], bf, self._theta(k, s, e), D[k, :m])
+                if x.data_ptr() != D[k, :m].data_ptr():
+                    D[k, :m].copy_(x)
+                rows.append(D[k, :m].numpy())
+            base = bf.numpy()
+            base_at = bf.__getitem__
+        else:   # raw inputs: δ = θ − base inside the loop, which also catches NaN/Inf in θ and base
+            raw = self.read_base(s, e)
+            base = self._kernel_input(raw, "base")
+            rows = [self._kernel_input(self.read_models[k](s, e), f"x{k}") for k in range(K)]
+            if len({r.dtype for r in rows}) > 1:   # mixed storage dtypes: one float32 type for all
+                rows = [workspace(f"x{k}", self.chunk, torch.float32)[:m].copy_(self.read_models[k](s, e)).numpy()
+                        for k in range(K)]
+
+            def base_at(idx: torch.Tensor) -> torch.Tensor:
+                return raw[idx].to(self.dtype)
+        out = workspace("dacc", self.chunk, self.dtype)[:m]
+        status, balance, n_amb = self.kern.ties_chunk(
+            tuple(rows), m, base, not self.sparse, st["mode"], st["thr"], st["quota"], st["w"],
+            mg.weighted_election, mg.merge_func == "mean", np.float32(mg.scaling), mg.scaling != 1.0,
+            out.numpy(), st["amb_idx"], st["amb_t"], st["T"])
+        if status:
+            raise NonFiniteChunk
+        emit(s, out)
+        if n_amb:
+            idx = torch.from_numpy(st["amb_idx"][:n_amb].copy())
+            sub = [torch.from_numpy(st["amb_t"][k, :n_amb].copy()) for k in range(K)]
+            amb.append((idx + s, base_at(idx), sub))
+        return balance
+
+    def _ambiguous(self, idx: torch.Tensor, s: int, bf: torch.Tensor, sub: list[torch.Tensor]) -> tuple:
+        """What the patch needs at ``idx`` (chunk-relative) if the majority sign is not +1: the
+        flat index, the base values and each model's trimmed δ (merged only when needed)."""
+        return idx + s, bf[idx], sub
+
+    def _patch_values(self, amb: list[tuple], majority: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merged values of the ambiguous entries for the tensor's majority sign (−1 or 0)."""
+        idx = torch.cat([a[0] for a in amb])
+        sub = [torch.cat([a[2][k] for a in amb]) for k in range(len(self.models))]
+        el = torch.full((idx.numel(),), float(majority), dtype=self.dtype)
+        merged = mergers.ties_disjoint_merge(sub, el, self.mg.merge_func, self.weights).mul_(self.mg.scaling)
+        return idx, torch.cat([a[1] for a in amb]) + merged
+
     # -- the main pass ---------------------------------------------------------------------------
     def run(self, emit: Callable[[int, torch.Tensor], None],
             patch: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
@@ -268,8 +485,12 @@ class StreamedMerge:
         mg = self.mg
         balance = 0
         sum_dtype = self.dtype if self.chunk <= 1 << 24 else torch.float64
-        amb: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        amb: list[tuple] = []   # (flat index, base values, trimmed δ per model) of the sign-0 entries
+        fstate = self._fused_state(cuts) if self.fused else None
         for s, e in self._chunks():
+            if self.fused:
+                balance += self._ties_fused(s, e, masks, mags, fstate, emit, amb)
+                continue
             bf = self._base(s, e)
             m = e - s
             if mg.kind in ("task_arithmetic", "average"):
@@ -334,18 +555,11 @@ class StreamedMerge:
                 nonzero &= zero
             idx = torch.from_numpy(np.flatnonzero(nonzero))
             if idx.numel():
-                sub = [t[idx] for t in trimmed]
-                alts = []
-                for maj in (-1.0, 0.0):
-                    el = torch.full((idx.numel(),), maj, dtype=self.dtype)
-                    alts.append(bf[idx] + mergers.ties_disjoint_merge(sub, el, mg.merge_func, self.weights).mul_(mg.scaling))
-                amb.append((idx + s, alts[0], alts[1]))
+                amb.append(self._ambiguous(idx, s, bf, [t[idx] for t in trimmed]))
         if mg.kind == "ties" and amb:
             majority = (balance > 0) - (balance < 0)
             if majority != 1:
-                which = 1 if majority == -1 else 2
-                idx = torch.cat([a[0] for a in amb])
-                vals = torch.cat([a[which] for a in amb])
+                idx, vals = self._patch_values(amb, majority)
                 if not _finite(vals):
                     raise NonFiniteChunk
                 if patch is None:

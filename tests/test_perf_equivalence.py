@@ -201,3 +201,15 @@ def test_missed_bracket_falls_back_to_the_exact_search(lo_hi, monkeypatch):
     assert_bits_equal(reference(base, models, method, monkeypatch), fast)
     if streamed.FUSED:
         assert calls, "the fallback search did not run"
+
+
+@pytest.mark.parametrize("key", sorted(k for k, m in METHODS.items() if m.merger.kind == "ties"))
+def test_streamed_path_never_falls_back_on_finite_inputs(key, monkeypatch):
+    """A false NaN/Inf alarm would hide a wrong fast path behind the reference's result."""
+    base, models = make_pool(seed=3)
+
+    def no_fallback(*a, **k):
+        raise AssertionError("the streamed path fell back to the whole-tensor reference")
+    monkeypatch.setattr(engine, "_merge_one_reference", no_fallback)
+    merge_models(engine.StateDictSource(base, "base"), {m: engine.StateDictSource(sd, m) for m, sd in models.items()},
+                 METHODS[key], None, threads=1)

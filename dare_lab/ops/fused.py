@@ -81,7 +81,7 @@ mispredicts every other entry)."""
 FLT_MAX = np.float32(3.4028234663852886e38)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def abs_delta(theta, base, out):  # pragma: no cover - compiled
     """out = |θ − base| (float32); False if any difference is NaN/Inf (then so was an input, or
     it overflowed: the caller recomputes on the reference path)."""
@@ -93,7 +93,7 @@ def abs_delta(theta, base, out):  # pragma: no cover - compiled
     return bad == 0
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def bracket_chunk(theta, base, lo, hi, vals, n_gt, n_ge, gather, cand, n_in, T):  # pragma: no cover - compiled
     """Counts for the k-th largest |δ| (δ = θ − base) over one chunk.
 
@@ -147,13 +147,15 @@ def bracket_chunk(theta, base, lo, hi, vals, n_gt, n_ge, gather, cand, n_in, T):
     return 0, above, n_in
 
 
-@njit(cache=True, nogil=True)
-def ties_chunk(D, m, base, subtract, mode, thr, quota, w, weighted_election, mean, scaling, scale,
-               out, amb_idx, amb_t, T):  # pragma: no cover - compiled
+@njit(cache=True, nogil=True, error_model="numpy")
+def ties_chunk(D, m, base, subtract, U, p, q, rescale, mode, thr, quota, w, weighted_election, mean,
+               scaling, scale, out, amb_idx, amb_t, T):  # pragma: no cover - compiled
     """TIES (mean or sum) on entries [0, m) of a chunk, as ``StreamedMerge.run`` does in torch.
 
     ``D[k]`` (a tuple of 1-D arrays): model k's θ (``subtract``: δ = θ − base) or its already
-    sparsified δ; ``D`` and ``base`` are float32 or bf16 bits (:func:`load`). Trim per
+    sparsified δ; ``D`` and ``base`` are float32 or bf16 bits (:func:`load`). With ``U`` (a
+    tuple of K float32 uniform arrays, or of K empty arrays for none): DARE/DropOnly first,
+    δ ← (δ / q if ``rescale``) · [u ≥ p], as the torch path does (p, q = 1 − p: float32). Trim per
     ``mode``/``thr``/``quota`` (``quota`` is updated in place, so ties at the threshold are kept
     in flat order across chunks); elect sign(Σ electors) with 0 → +1 provisionally; disjoint
     mean/sum of the agreeing w_k·t_k; ``out`` = base + λ·merged. Where the summed sign was 0
@@ -182,6 +184,14 @@ def ties_chunk(D, m, base, subtract, mode, thr, quota, w, weighted_election, mea
                     d = load(dk[j]) - load(b[j])
                     bad |= np.int32(abs(d) > FLT_MAX) | np.int32(d != d)
                     tk[j] = d
+                if U[k].shape[0]:
+                    uk = U[k][i0:i0 + L]
+                    if rescale:
+                        for j in range(L):
+                            tk[j] = (tk[j] / q) * (one32 if uk[j] >= p else zero32)
+                    else:
+                        for j in range(L):
+                            tk[j] = tk[j] * (one32 if uk[j] >= p else zero32)
             else:
                 for j in range(L):
                     d = load(dk[j])
@@ -204,14 +214,14 @@ def ties_chunk(D, m, base, subtract, mode, thr, quota, w, weighted_election, mea
                         tk[j] = tk[j] if abs(tk[j]) >= th else zero32
                     quota[k] -= ties
                 else:                           # the quota runs out here: the first ties in flat order
-                    q = quota[k]
+                    left = quota[k]
                     for j in range(L):
                         a = abs(tk[j])
-                        if a == th and q > 0:
-                            q -= 1
+                        if a == th and left > 0:
+                            left -= 1
                         elif not a > th:
                             tk[j] = zero32
-                    quota[k] = q
+                    quota[k] = left
         if bad:
             return 1, balance, n_amb
         t0 = T[0]

@@ -417,6 +417,7 @@ class StreamedMerge:
             else:
                 mode[k], thr[k], quota[k] = self.kern.THRESHOLD, c.threshold, c.quota
         return {"mode": mode, "thr": thr, "quota": quota, "w": np.asarray(self.weights, dtype=np.float32),
+                "no_u": (np.zeros(0, dtype=np.float32),) * K,
                 "D": workspace("D", K * self.chunk, torch.float32).view(K, self.chunk),
                 "amb_idx": workspace("amb_idx", self.chunk, torch.int64).numpy(),
                 "amb_t": workspace("amb_t", K * self.chunk, torch.float32).view(K, self.chunk).numpy(),
@@ -426,7 +427,12 @@ class StreamedMerge:
                     emit: Callable[[int, torch.Tensor], None], amb: list) -> int:
         """One chunk of TIES through :func:`dare_lab.ops.fused.ties_chunk`; returns its sign balance."""
         m, mg, K = e - s, self.mg, len(self.models)
-        if self.sparse:
+        sp, U, raw_inputs = self.sp, st["no_u"], not self.sparse
+        if self.sparse and sp.kind in ("dare", "drop_only") and sp.sampler == "torch_rand" and sp.target == "delta":
+            # DARE inside the loop too: only the uniforms come from torch (the same generator stream)
+            U = tuple(masks[k].uniforms(m, workspace(f"u{k}", self.chunk, torch.float32)).numpy() for k in range(K))
+            raw_inputs = True
+        if not raw_inputs:
             bf = self._base(s, e)
             D = st["D"]
             rows = []
@@ -449,7 +455,8 @@ class StreamedMerge:
                 return raw[idx].to(self.dtype)
         out = workspace("dacc", self.chunk, self.dtype)[:m]
         status, balance, n_amb = self.kern.ties_chunk(
-            tuple(rows), m, base, not self.sparse, st["mode"], st["thr"], st["quota"], st["w"],
+            tuple(rows), m, base, raw_inputs, U, np.float32(sp.drop_rate), np.float32(1.0 - sp.drop_rate), self.rescale,
+            st["mode"], st["thr"], st["quota"], st["w"],
             mg.weighted_election, mg.merge_func == "mean", np.float32(mg.scaling), mg.scaling != 1.0,
             out.numpy(), st["amb_idx"], st["amb_t"], st["T"])
         if status:

@@ -113,6 +113,23 @@ def _merge_one(plan: TensorPlan, base: TensorSource, models: Mapping[str, Tensor
     try:
         readers += [_chunk_reader(models[m], plan.sources[m], f"in_{i}") for i, m in enumerate(names)]
         job = StreamedMerge(method, plan.name, n, names, readers[0], readers[1:], dtype, _CHUNK or CHUNK)
+        if writer is not None and method.merger.kind == "ties":
+            # TIES patches entries once the tensor's majority sign is known: merge into the
+            # writer's staging buffer, patch there, write once (no read-back of written data)
+            staged = writer.staged(plan.name)
+
+            def emit_staged(s: int, chunk: torch.Tensor) -> None:
+                staged[s: s + chunk.numel()].copy_(chunk)
+
+            def patch_staged(idx: torch.Tensor, vals: torch.Tensor) -> None:
+                staged[idx] = vals.to(target)
+            try:
+                job.run(emit_staged, patch_staged)
+            except NonFiniteChunk:
+                writer.write(plan.name, _merge_one_reference(plan, base, models, method, dtype, out_dtype))
+                return None
+            writer.write(plan.name, staged.view(plan.shape))
+            return None
         if writer is not None:
             def emit(s: int, chunk: torch.Tensor) -> None:
                 out = workspace("out", job.chunk, target)[: chunk.numel()].copy_(chunk)

@@ -4,12 +4,19 @@ Every output shape and dtype is known before the first tensor is merged, so each
 header (with all data offsets) is written first and tensors are then written straight to
 their offsets (``os.pwrite``): no shard is buffered in memory, workers may finish in any
 order, and the output directory appears only when complete.
+
+The page-aligned middle of each write goes through ``O_DIRECT`` where the file system takes
+it (the header is padded so tensor data starts on a page): no page-cache pages are allocated
+and dirtied for the output, which on a virtual machine costs more than the merge arithmetic
+(measured: 1.8 GB in 1.4 s direct vs 5.8 s + 1.0 s sync buffered). Unaligned heads and tails,
+patches and file systems without ``O_DIRECT`` (tmpfs) use plain buffered writes.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import mmap
 import os
 import shutil
 import sys
@@ -18,6 +25,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dare_lab.engine.sources import SAFE_DTYPES, pread_exact
@@ -36,6 +44,17 @@ def parse_size(size: int | str) -> int:
     return int(text)
 
 
+ALIGN = 4096            # page size: O_DIRECT offsets, lengths and memory must be aligned to the block size
+DIRECT_MIN = 64 << 10   # writes with less aligned middle than this stay buffered
+
+
+def _pwrite_all(fd: int, buf: np.ndarray, offset: int) -> None:
+    view = memoryview(buf)
+    written = 0
+    while written < len(view):
+        written += os.pwrite(fd, view[written:], offset + written)
+
+
 def tensor_nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
     n = 1
     for s in shape:
@@ -46,7 +65,8 @@ def tensor_nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
 class ShardedSafetensorsWriter:
     """Plan shards from (name, shape, dtype), pre-write headers, accept tensors in any order."""
 
-    def __init__(self, tmp_dir: Path, entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size: int | str = "5GB"):
+    def __init__(self, tmp_dir: Path, entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size: int | str = "5GB",
+                 direct: bool = True):
         self.dir = Path(tmp_dir)
         limit = parse_size(max_shard_size)
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
@@ -67,6 +87,9 @@ class ShardedSafetensorsWriter:
         self._dirty: dict[Path, int] = {}
         self._syncs: list = []
         self._syncer = None
+        self.direct = direct
+        self._dfds: dict[Path, int | None] = {}
+        self._local = threading.local()
         for i, shard in enumerate(shards, 1):
             fname = "model.safetensors" if total == 1 else f"model-{i:05d}-of-{total:05d}.safetensors"
             self._write_header(self.dir / fname, shard)
@@ -82,7 +105,7 @@ class ShardedSafetensorsWriter:
             spans.append((name, offset, nb, dtype, tuple(shape)))
             offset += nb
         raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
+        raw += b" " * (-(8 + len(raw)) % ALIGN)   # data from a page boundary (JSON allows the spaces)
         with open(file, "wb") as fh:
             fh.write(len(raw).to_bytes(8, "little"))
             fh.write(raw)
@@ -102,14 +125,51 @@ class ShardedSafetensorsWriter:
                 fd = self._fds[file] = os.open(file, os.O_RDWR)
             return fd
 
-    def _pwrite(self, file: Path, data: torch.Tensor, offset: int) -> None:
-        view = memoryview(data.detach().contiguous().view(-1).view(torch.uint8).numpy())
-        fd = self._fd(file)
-        written = 0
-        while written < len(view):
-            written += os.pwrite(fd, view[written:], offset + written)
+    def _direct_fd(self, file: Path) -> int | None:
+        """An ``O_DIRECT`` descriptor of the shard, or None (not supported / switched off)."""
+        if not self.direct or not hasattr(os, "O_DIRECT"):
+            return None
         with self._lock:
-            self._dirty[file] = self._dirty.get(file, 0) + len(view)
+            if file not in self._dfds:
+                try:
+                    self._dfds[file] = os.open(file, os.O_WRONLY | os.O_DIRECT)
+                except OSError:
+                    self._dfds[file] = None
+            return self._dfds[file]
+
+    def _staging(self, nbytes: int) -> np.ndarray:
+        """A page-aligned per-thread byte buffer (direct writes need aligned memory)."""
+        buf = getattr(self._local, "stage", None)
+        if buf is None or buf.shape[0] < nbytes:
+            self._local.stage = buf = np.frombuffer(mmap.mmap(-1, max(nbytes, 1 << 20)), dtype=np.uint8)
+        return buf
+
+    def _pwrite(self, file: Path, data: torch.Tensor, offset: int) -> None:
+        raw = data.detach().contiguous().view(-1).view(torch.uint8).numpy()
+        n = raw.shape[0]
+        a0, a1 = -(-offset // ALIGN) * ALIGN, (offset + n) // ALIGN * ALIGN   # the page-aligned middle
+        dfd = self._direct_fd(file) if a1 - a0 >= DIRECT_MIN else None
+        if dfd is not None:
+            if (raw.ctypes.data - offset) % ALIGN == 0:   # already page-phased (see :meth:`staged`): no copy
+                mid = raw[a0 - offset: a1 - offset]
+            else:
+                phase = offset % ALIGN
+                stage = self._staging(phase + n)
+                stage[phase: phase + n] = raw
+                mid = stage[a0 - offset + phase: a1 - offset + phase]
+            try:
+                _pwrite_all(dfd, mid, a0)
+            except OSError:          # e.g. EINVAL: this file system takes no direct writes after all
+                self.direct = False
+                dfd = None
+        if dfd is None:
+            a0 = a1 = offset + n
+        fd = self._fd(file)
+        _pwrite_all(fd, raw[: a0 - offset], offset)
+        _pwrite_all(fd, raw[a1 - offset:], a1)
+        buffered = n - (a1 - a0)
+        with self._lock:
+            self._dirty[file] = self._dirty.get(file, 0) + buffered
             if self._dirty[file] >= self.SYNC_EVERY:
                 # flush written pages while compute goes on, so the final fsync has little left
                 self._dirty[file] = 0
@@ -118,6 +178,15 @@ class ShardedSafetensorsWriter:
 
                     self._syncer = ThreadPoolExecutor(1, thread_name_prefix="dare-lab-sync")
                 self._syncs.append(self._syncer.submit(os.fdatasync, fd))
+
+    def staged(self, name: str) -> torch.Tensor:
+        """A flat per-thread buffer for the whole tensor ``name`` (planned dtype), laid out in
+        memory so that :meth:`write` can send it to the file without a copy; valid until this
+        thread's next ``staged`` or buffered-copy write."""
+        file, offset, nbytes, dtype, shape = self._where[name]
+        phase = offset % ALIGN
+        buf = self._staging(phase + nbytes)
+        return torch.from_numpy(buf[phase: phase + nbytes]).view(dtype)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write a whole tensor at its planned offset (thread-safe; any order)."""
@@ -165,9 +234,10 @@ class ShardedSafetensorsWriter:
             self._syncer.shutdown()
             self._syncer = None
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds = {}
+            for fd in [*self._fds.values(), *self._dfds.values()]:
+                if fd is not None:
+                    os.close(fd)
+            self._fds, self._dfds = {}, {}
 
     def finish(self) -> dict[str, str]:
         """Check completeness and sizes, write the index (if sharded); returns the weight map."""

@@ -1,0 +1,108 @@
+"""The shard writer: page-aligned data, direct writes where the file system takes them, and the
+same bytes whichever path each write took."""
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dare_lab.engine.writer as W
+
+
+def entries():
+    # odd sizes: tensor starts fall anywhere inside a page, so heads and tails are unaligned
+    return [("a", (3, 50_001), torch.bfloat16), ("b", (7,), torch.float32), ("c", (40_000, 5), torch.float16)]
+
+
+def tensors():
+    g = torch.Generator().manual_seed(0)
+    return {name: torch.randn(shape, generator=g).to(dtype) for name, shape, dtype in entries()}
+
+
+def write_all(tmp_path, direct, chunked):
+    w = W.ShardedSafetensorsWriter(tmp_path, entries(), direct=direct)
+    data = tensors()
+    for name, t in data.items():
+        if chunked:
+            flat = t.reshape(-1)
+            for s in range(0, flat.numel(), 70_001):
+                w.write_range(name, s, flat[s: s + 70_001])
+            w.done(name)
+        else:
+            w.write(name, t)
+    w.patch("a", torch.tensor([0, 5, 149_999]), torch.tensor([1.0, -2.0, 3.0]))
+    data["a"].view(-1)[torch.tensor([0, 5, 149_999])] = torch.tensor([1.0, -2.0, 3.0]).to(torch.bfloat16)
+    w.finish()
+    return data, w
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunks"])
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+def test_written_tensors_load_back_exactly(tmp_path, direct, chunked):
+    data, _ = write_all(tmp_path, direct, chunked)
+    got = load_file(tmp_path / "model.safetensors")
+    assert got.keys() == data.keys()
+    for k in data:
+        assert torch.equal(got[k].view(torch.uint8), data[k].contiguous().view(torch.uint8)), k
+    header = int.from_bytes((tmp_path / "model.safetensors").read_bytes()[:8], "little")
+    assert (8 + header) % W.ALIGN == 0   # tensor data starts on a page boundary
+
+
+def supports_direct(path):
+    try:
+        fd = os.open(path / "probe", os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0))
+    except OSError:
+        return False
+    os.close(fd)
+    return hasattr(os, "O_DIRECT")
+
+
+def test_direct_and_buffered_files_are_identical(tmp_path, monkeypatch):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "b").mkdir()
+    direct_writes = []
+    real_open, real_write = os.open, W._pwrite_all
+    direct_fds = set()
+
+    def tracking_open(path, flags, *a):
+        fd = real_open(path, flags, *a)
+        if flags & getattr(os, "O_DIRECT", 0):
+            direct_fds.add(fd)
+        return fd
+
+    def tracking_write(fd, buf, offset):
+        if fd in direct_fds:
+            direct_writes.append(len(buf))
+        real_write(fd, buf, offset)
+    monkeypatch.setattr(W.os, "open", tracking_open)
+    monkeypatch.setattr(W, "_pwrite_all", tracking_write)
+    write_all(tmp_path / "d", True, True)
+    if supports_direct(tmp_path):
+        assert direct_writes and all(n % W.ALIGN == 0 for n in direct_writes)
+    write_all(tmp_path / "b", False, False)
+    assert (tmp_path / "d" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_a_refused_direct_write_falls_back_to_buffered(tmp_path, monkeypatch):
+    """A file system that opens O_DIRECT but refuses the write (EINVAL): same bytes, direct off."""
+    real = W._pwrite_all
+    direct_fds = set()
+    real_open = os.open
+
+    def tracking_open(path, flags, *a):
+        fd = real_open(path, flags, *a)
+        if flags & getattr(os, "O_DIRECT", 0):
+            direct_fds.add(fd)
+        return fd
+
+    def refusing(fd, buf, offset):
+        if fd in direct_fds:
+            raise OSError(22, "Invalid argument")
+        real(fd, buf, offset)
+    monkeypatch.setattr(W.os, "open", tracking_open)
+    monkeypatch.setattr(W, "_pwrite_all", refusing)
+    data, w = write_all(tmp_path, True, True)
+    assert w.direct is False
+    got = load_file(tmp_path / "model.safetensors")
+    assert all(torch.equal(got[k].view(torch.uint8), data[k].contiguous().view(torch.uint8)) for k in data)

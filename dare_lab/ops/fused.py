@@ -148,6 +148,48 @@ def bracket_chunk(theta, base, lo, hi, vals, n_gt, n_ge, gather, cand, n_in, T):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def ta_chunk(D, m, base, U, p, q, rescale, average, k_models, scaling, scale, out):  # pragma: no cover - compiled
+    """Task arithmetic (unit weights) or averaging on entries [0, m) of a chunk, as
+    ``StreamedMerge.run`` does in torch: Σ_k δ̂_k in model order, then ÷ K (average) or × λ
+    (``scale``), plus base. ``D``/``base``/``U``/``p``/``q``/``rescale`` as in :func:`ties_chunk`.
+    Returns 1 on a NaN/Inf in a delta or the output, else 0."""
+    K = len(D)
+    zero32 = np.float32(0.0)
+    one32 = np.float32(1.0)
+    for i0 in range(0, m, BLOCK):
+        L = min(BLOCK, m - i0)
+        b = base[i0:i0 + L]
+        o = out[i0:i0 + L]
+        bad = 0
+        for j in range(L):
+            o[j] = zero32
+        for k in range(K):
+            dk = D[k][i0:i0 + L]
+            dare = U[k].shape[0] > 0
+            uk = U[k][i0:i0 + L] if dare else U[k]
+            for j in range(L):
+                d = load(dk[j]) - load(b[j])
+                bad |= np.int32(abs(d) > FLT_MAX) | np.int32(d != d)
+                if dare:
+                    if rescale:
+                        d = d / q
+                    d = d * (one32 if uk[j] >= p else zero32)
+                o[j] = o[j] + d
+        for j in range(L):
+            a = o[j]
+            if average:
+                a = a / k_models
+            elif scale:
+                a = a * scaling
+            v = load(b[j]) + a
+            bad |= np.int32(abs(v) > FLT_MAX) | np.int32(v != v)
+            o[j] = v
+        if bad:
+            return 1
+    return 0
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def ties_chunk(D, m, base, subtract, U, p, q, rescale, mode, thr, quota, w, weighted_election, mean,
                scaling, scale, out, amb_idx, amb_t, T):  # pragma: no cover - compiled
     """TIES (mean or sum) on entries [0, m) of a chunk, as ``StreamedMerge.run`` does in torch.

@@ -205,7 +205,14 @@ class StreamedMerge:
         self.cut: list[TopKStream | None] = [None] * len(self.models)
         self.mag_k = keep_count(n, sp.drop_rate) if self.sparse and sp.kind == "magnitude" else None
         # the compiled TIES loop covers mean/sum in float32 (the common case); max and float64 stay on torch
-        wanted = FUSED and mg.kind == "ties" and mg.merge_func in ("mean", "sum") and dtype == torch.float32
+        # compiled loops: TIES (mean/sum) with any sparsifier; task arithmetic / average with unit
+        # weights and no or torch_rand DARE / DropOnly on δ (weights ≠ 1 stay on torch, whose
+        # add-with-alpha may fuse the multiply-add); float32 compute only
+        self.dare_in_loop = self.random and sp.sampler == "torch_rand" and sp.target == "delta"
+        ta_ok = mg.kind in ("task_arithmetic", "average") and all(w == 1.0 for w in self.weights) \
+            and (not self.sparse or self.dare_in_loop)
+        wanted = FUSED and dtype == torch.float32 and (
+            (mg.kind == "ties" and mg.merge_func in ("mean", "sum")) or ta_ok)
         self.kern = compiled_kernels() if wanted else None
         self.fused = self.kern is not None
 
@@ -427,11 +434,7 @@ class StreamedMerge:
                     emit: Callable[[int, torch.Tensor], None], amb: list) -> int:
         """One chunk of TIES through :func:`dare_lab.ops.fused.ties_chunk`; returns its sign balance."""
         m, mg, K = e - s, self.mg, len(self.models)
-        sp, U, raw_inputs = self.sp, st["no_u"], not self.sparse
-        if self.sparse and sp.kind in ("dare", "drop_only") and sp.sampler == "torch_rand" and sp.target == "delta":
-            # DARE inside the loop too: only the uniforms come from torch (the same generator stream)
-            U = tuple(masks[k].uniforms(m, workspace(f"u{k}", self.chunk, torch.float32)).numpy() for k in range(K))
-            raw_inputs = True
+        sp, U, raw_inputs = self.sp, self._uniforms(masks, m), not self.sparse or self.dare_in_loop
         if not raw_inputs:
             bf = self._base(s, e)
             D = st["D"]
@@ -468,6 +471,29 @@ class StreamedMerge:
             amb.append((idx + s, base_at(idx), sub))
         return balance
 
+    def _uniforms(self, masks: list, m: int) -> tuple[np.ndarray, ...]:
+        """DARE inside the compiled loop: the next m uniforms of each model's stream (only these
+        come from torch, so the masks are the same), or K empty arrays for no DARE."""
+        K = len(self.models)
+        if not self.dare_in_loop:
+            return (np.zeros(0, dtype=np.float32),) * K
+        return tuple(masks[k].uniforms(m, workspace(f"u{k}", self.chunk, torch.float32)).numpy() for k in range(K))
+
+    def _ta_fused(self, s: int, e: int, masks: list, emit: Callable[[int, torch.Tensor], None]) -> None:
+        """One chunk of task arithmetic / averaging through :func:`dare_lab.ops.fused.ta_chunk`."""
+        m, mg, sp, K = e - s, self.mg, self.sp, len(self.models)
+        base = self._kernel_input(self.read_base(s, e), "base")
+        rows = [self._kernel_input(self.read_models[k](s, e), f"x{k}") for k in range(K)]
+        if len({r.dtype for r in rows}) > 1:   # mixed storage dtypes: one float32 type for all
+            rows = [workspace(f"x{k}", self.chunk, torch.float32)[:m].copy_(self.read_models[k](s, e)).numpy()
+                    for k in range(K)]
+        out = workspace("acc", self.chunk, self.dtype)[:m]
+        if self.kern.ta_chunk(tuple(rows), m, base, self._uniforms(masks, m), np.float32(sp.drop_rate),
+                              np.float32(1.0 - sp.drop_rate), self.rescale, mg.kind == "average", np.float32(K),
+                              np.float32(mg.scaling), mg.scaling != 1.0, out.numpy()):
+            raise NonFiniteChunk
+        emit(s, out)
+
     def _ambiguous(self, idx: torch.Tensor, s: int, bf: torch.Tensor, sub: list[torch.Tensor]) -> tuple:
         """What the patch needs at ``idx`` (chunk-relative) if the majority sign is not +1: the
         flat index, the base values and each model's trimmed δ (merged only when needed)."""
@@ -493,8 +519,11 @@ class StreamedMerge:
         balance = 0
         sum_dtype = self.dtype if self.chunk <= 1 << 24 else torch.float64
         amb: list[tuple] = []   # (flat index, base values, trimmed δ per model) of the sign-0 entries
-        fstate = self._fused_state(cuts) if self.fused else None
+        fstate = self._fused_state(cuts) if self.fused and mg.kind == "ties" else None
         for s, e in self._chunks():
+            if self.fused and mg.kind != "ties":
+                self._ta_fused(s, e, masks, emit)
+                continue
             if self.fused:
                 balance += self._ties_fused(s, e, masks, mags, fstate, emit, amb)
                 continue

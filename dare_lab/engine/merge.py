@@ -2,8 +2,9 @@
 
 Merged tensors stream through :class:`dare_lab.ops.streamed.StreamedMerge`: inputs are
 ``pread`` per chunk (nothing mapped), output chunks ``pwrite``-n in place into pre-sized shards,
-so peak memory is the interpreter plus a few chunk buffers per worker thread (TIES with a trim
-adds |δ| of one tensor in fp32 and that tensor's output). Results are bit for bit those of the
+so peak memory is the interpreter plus a few chunk buffers per worker thread (TIES adds its
+tensor's output in a staging buffer, patched there once the majority sign is known, and |δ| of
+one tensor in fp32 where its threshold is searched over the whole tensor). Results are bit for bit those of the
 whole-tensor path (:func:`_merge_one_reference`), which also handles NaN/Inf errors.
 See docs/performance.md.
 """

@@ -12,7 +12,7 @@ formula are not element-wise, and each is carried across chunks exactly:
   entries above it are found in a pre-pass (:func:`~dare_lab.ops.sparsify.kth_largest`), and
   ties at the threshold are kept in flat-index order while streaming;
 - TIES' majority sign (used only where the summed sign is 0): counted exactly while streaming;
-  such entries are written assuming +1 and their values for −1 / 0 kept aside and patched in
+  such entries are written assuming +1, their inputs kept aside, and merged and patched in
   once the majority is known.
 
 Where a cheaper operation is used it gives the same result for finite values (e.g. DARE's
@@ -22,8 +22,12 @@ chunk raises :class:`NonFiniteChunk`; the engine then recomputes that tensor wit
 whole-tensor code, which raises the documented error (or, for a false alarm, returns its own
 result), so errors and results match the reference path exactly.
 
-Memory per call: a handful of chunk buffers, plus |x| of one model for the whole tensor while
-a top-k threshold is searched.
+Where numba is installed, TIES and task arithmetic / averaging run as compiled loops
+(:mod:`dare_lab.ops.fused`) with the same bits, and TIES thresholds of large tensors come from
+one sampled-bracket pass over all models (:meth:`StreamedMerge._bracketed_thresholds`).
+
+Memory per call: a handful of chunk buffers, plus |x| of one model for the whole tensor where a
+top-k threshold is searched over the whole tensor.
 """
 
 from __future__ import annotations

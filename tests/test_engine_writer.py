@@ -49,6 +49,20 @@ def test_written_tensors_load_back_exactly(tmp_path, direct, chunked):
     assert (8 + header) % W.ALIGN == 0   # tensor data starts on a page boundary
 
 
+def track_direct_fds(monkeypatch):
+    """The set of file descriptors the writer opens with O_DIRECT (filled as it opens them)."""
+    fds = set()
+    real_open = os.open
+
+    def tracking_open(path, flags, *a):
+        fd = real_open(path, flags, *a)
+        if flags & getattr(os, "O_DIRECT", 0):
+            fds.add(fd)
+        return fd
+    monkeypatch.setattr(W.os, "open", tracking_open)
+    return fds
+
+
 def supports_direct(path):
     try:
         fd = os.open(path / "probe", os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0))
@@ -62,20 +76,13 @@ def test_direct_and_buffered_files_are_identical(tmp_path, monkeypatch):
     (tmp_path / "d").mkdir()
     (tmp_path / "b").mkdir()
     direct_writes = []
-    real_open, real_write = os.open, W._pwrite_all
-    direct_fds = set()
-
-    def tracking_open(path, flags, *a):
-        fd = real_open(path, flags, *a)
-        if flags & getattr(os, "O_DIRECT", 0):
-            direct_fds.add(fd)
-        return fd
+    real_write = W._pwrite_all
+    direct_fds = track_direct_fds(monkeypatch)
 
     def tracking_write(fd, buf, offset):
         if fd in direct_fds:
             direct_writes.append(len(buf))
         real_write(fd, buf, offset)
-    monkeypatch.setattr(W.os, "open", tracking_open)
     monkeypatch.setattr(W, "_pwrite_all", tracking_write)
     write_all(tmp_path / "d", True, True)
     if supports_direct(tmp_path):
@@ -87,20 +94,12 @@ def test_direct_and_buffered_files_are_identical(tmp_path, monkeypatch):
 def test_a_refused_direct_write_falls_back_to_buffered(tmp_path, monkeypatch):
     """A file system that opens O_DIRECT but refuses the write (EINVAL): same bytes, direct off."""
     real = W._pwrite_all
-    direct_fds = set()
-    real_open = os.open
-
-    def tracking_open(path, flags, *a):
-        fd = real_open(path, flags, *a)
-        if flags & getattr(os, "O_DIRECT", 0):
-            direct_fds.add(fd)
-        return fd
+    direct_fds = track_direct_fds(monkeypatch)
 
     def refusing(fd, buf, offset):
         if fd in direct_fds:
             raise OSError(22, "Invalid argument")
         real(fd, buf, offset)
-    monkeypatch.setattr(W.os, "open", tracking_open)
     monkeypatch.setattr(W, "_pwrite_all", refusing)
     data, w = write_all(tmp_path, True, True)
     assert w.direct is False

@@ -370,6 +370,15 @@ class StreamedMerge:
             view = workspace(key, self.chunk, torch.float32)[: raw.numel()].copy_(raw).numpy()
         return view
 
+    def _model_rows(self, s: int, e: int) -> list[np.ndarray]:
+        """Every model's chunk [s, e) as the compiled loops read it, one array type for all (the
+        loops take a homogeneous tuple: mixed storage dtypes are all converted to float32)."""
+        rows = [self._kernel_input(self.read_models[k](s, e), f"x{k}") for k in range(len(self.models))]
+        if len({r.dtype for r in rows}) > 1:
+            rows = [workspace(f"x{k}", self.chunk, torch.float32)[: e - s].copy_(self.read_models[k](s, e)).numpy()
+                    for k in range(len(self.models))]
+        return rows
+
     def _fresh_mag(self, k: int) -> TopKStream | None:
         st = self.mag[k]
         return None if st is None else TopKStream(self.n, self.mag_k, st.threshold, self.mag_k - st.quota)
@@ -453,10 +462,7 @@ class StreamedMerge:
         else:   # raw inputs: δ = θ − base inside the loop, which also catches NaN/Inf in θ and base
             raw = self.read_base(s, e)
             base = self._kernel_input(raw, "base")
-            rows = [self._kernel_input(self.read_models[k](s, e), f"x{k}") for k in range(K)]
-            if len({r.dtype for r in rows}) > 1:   # mixed storage dtypes: one float32 type for all
-                rows = [workspace(f"x{k}", self.chunk, torch.float32)[:m].copy_(self.read_models[k](s, e)).numpy()
-                        for k in range(K)]
+            rows = self._model_rows(s, e)
 
             def base_at(idx: torch.Tensor) -> torch.Tensor:
                 return raw[idx].to(self.dtype)
@@ -487,10 +493,7 @@ class StreamedMerge:
         """One chunk of task arithmetic / averaging through :func:`dare_lab.ops.fused.ta_chunk`."""
         m, mg, sp, K = e - s, self.mg, self.sp, len(self.models)
         base = self._kernel_input(self.read_base(s, e), "base")
-        rows = [self._kernel_input(self.read_models[k](s, e), f"x{k}") for k in range(K)]
-        if len({r.dtype for r in rows}) > 1:   # mixed storage dtypes: one float32 type for all
-            rows = [workspace(f"x{k}", self.chunk, torch.float32)[:m].copy_(self.read_models[k](s, e)).numpy()
-                    for k in range(K)]
+        rows = self._model_rows(s, e)
         out = workspace("acc", self.chunk, self.dtype)[:m]
         if self.kern.ta_chunk(tuple(rows), m, base, self._uniforms(masks, m), np.float32(sp.drop_rate),
                               np.float32(1.0 - sp.drop_rate), self.rescale, mg.kind == "average", np.float32(K),

@@ -132,9 +132,12 @@ def _merge_one(plan: TensorPlan, base: TensorSource, models: Mapping[str, Tensor
             writer.write(plan.name, staged.view(plan.shape))
             return None
         if writer is not None:
+            job.emit_dtype = target
+
             def emit(s: int, chunk: torch.Tensor) -> None:
-                out = workspace("out", job.chunk, target)[: chunk.numel()].copy_(chunk)
-                writer.write_range(plan.name, s, out)
+                if chunk.dtype != target:
+                    chunk = workspace("out", job.chunk, target)[: chunk.numel()].copy_(chunk)
+                writer.write_range(plan.name, s, chunk)
 
             def patch_file(idx: torch.Tensor, vals: torch.Tensor) -> None:
                 writer.patch(plan.name, idx, vals)
@@ -146,6 +149,7 @@ def _merge_one(plan: TensorPlan, base: TensorSource, models: Mapping[str, Tensor
             writer.done(plan.name)
             return None
         result = torch.empty(n, dtype=target)
+        job.emit_dtype = target
 
         def emit_mem(s: int, chunk: torch.Tensor) -> None:
             result[s: s + chunk.numel()].copy_(chunk)

@@ -47,6 +47,16 @@ if AVAILABLE:
             return builder.bitcast(builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16)), ir.FloatType())
         return types.float32(x), codegen
 
+    @intrinsic
+    def _f32_bits(typingctx, x):
+        """The 32 raw bits of a float32 (for the bf16 rounding of :func:`store_bf16`)."""
+        if x != types.float32:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], ir.IntType(32))
+        return types.uint32(x), codegen
+
     @overload(load)
     def _load(v):
         if isinstance(v, types.Integer) and v.bitwidth == 16:
@@ -68,6 +78,22 @@ def kernel_view(raw: "torch.Tensor"):  # noqa: F821 - torch only in the annotati
     return None
 
 
+@njit(inline="always")
+def nonfinite(v):  # pragma: no cover - compiled
+    """1 for a NaN/±Inf float32, else 0 (v − v is 0 exactly for finite v): branch-free, and
+    summed over a block it vectorises, unlike ``(|v| > FLT_MAX) | (v != v)`` (measured: task
+    arithmetic's loop 2.3 → 0.7 ns per entry)."""
+    return np.int32(v - v != np.float32(0.0))
+
+
+@njit(inline="always")
+def store_bf16(out16, j, v):  # pragma: no cover - compiled
+    """out16[j] = the bf16 bits of the finite float32 v, rounded to nearest even (what torch's
+    ``.to(torch.bfloat16)`` gives for finite values)."""
+    u = _f32_bits(v)
+    out16[j] = np.int16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
 KEEP_ALL, THRESHOLD, KEEP_NONE = 0, 1, 2
 """Trim modes per model: no trim, keep |δ| > thr plus ``quota`` ties at thr in flat order, none."""
 
@@ -78,9 +104,6 @@ loop over them that the compiler vectorises (a branch per entry on the random si
 mispredicts every other entry)."""
 
 
-FLT_MAX = np.float32(3.4028234663852886e38)
-
-
 @njit(cache=True, nogil=True, error_model="numpy")
 def abs_delta(theta, base, out):  # pragma: no cover - compiled
     """out = |θ − base| (float32); False if any difference is NaN/Inf (then so was an input, or
@@ -88,7 +111,7 @@ def abs_delta(theta, base, out):  # pragma: no cover - compiled
     bad = 0
     for i in range(out.shape[0]):
         d = load(theta[i]) - load(base[i])
-        bad |= np.int32(abs(d) > FLT_MAX) | np.int32(d != d)
+        bad += nonfinite(d)
         out[i] = abs(d)
     return bad == 0
 
@@ -120,7 +143,7 @@ def bracket_chunk(theta, base, lo, hi, vals, n_gt, n_ge, gather, cand, n_in, T):
         hits = 0
         for j in range(L):
             d = load(t[j]) - load(b[j])
-            bad |= np.int32(abs(d) > FLT_MAX) | np.int32(d != d)
+            bad += nonfinite(d)
             a = abs(d)
             av[j] = a
             above += np.int32(a > hi)
@@ -148,33 +171,37 @@ def bracket_chunk(theta, base, lo, hi, vals, n_gt, n_ge, gather, cand, n_in, T):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def ta_chunk(D, m, base, U, p, q, rescale, average, k_models, scaling, scale, out):  # pragma: no cover - compiled
+def ta_chunk(D, m, base, U, p, q, rescale, average, k_models, scaling, scale, out, out16):  # pragma: no cover - compiled
     """Task arithmetic (unit weights) or averaging on entries [0, m) of a chunk, as
     ``StreamedMerge.run`` does in torch: Σ_k δ̂_k in model order, then ÷ K (average) or × λ
-    (``scale``), plus base. ``D``/``base``/``U``/``p``/``q``/``rescale`` as in :func:`ties_chunk`.
-    Returns 1 on a NaN/Inf in a delta or the output, else 0."""
+    (``scale``), plus base, into float32 ``out`` and, if ``out16`` is not empty, as bf16 bits
+    into it. ``D``/``base``/``U``/``p``/``q``/``rescale`` as in :func:`ties_chunk`.
+    Returns 1 on a NaN/Inf in the output, else 0: a NaN/Inf in any δ (or the base) always
+    reaches the output (Inf·0 and Inf − Inf are NaN), so only the output is checked."""
     K = len(D)
     zero32 = np.float32(0.0)
     one32 = np.float32(1.0)
+    bf16 = out16.shape[0] > 0
     for i0 in range(0, m, BLOCK):
         L = min(BLOCK, m - i0)
         b = base[i0:i0 + L]
         o = out[i0:i0 + L]
-        bad = 0
         for j in range(L):
             o[j] = zero32
-        for k in range(K):
+        for k in range(K):                      # one branch-free loop per case (no test per entry)
             dk = D[k][i0:i0 + L]
-            dare = U[k].shape[0] > 0
-            uk = U[k][i0:i0 + L] if dare else U[k]
-            for j in range(L):
-                d = load(dk[j]) - load(b[j])
-                bad |= np.int32(abs(d) > FLT_MAX) | np.int32(d != d)
-                if dare:
-                    if rescale:
-                        d = d / q
-                    d = d * (one32 if uk[j] >= p else zero32)
-                o[j] = o[j] + d
+            if U[k].shape[0] == 0:
+                for j in range(L):
+                    o[j] = o[j] + (load(dk[j]) - load(b[j]))
+            else:
+                uk = U[k][i0:i0 + L]
+                if rescale:
+                    for j in range(L):
+                        o[j] = o[j] + ((load(dk[j]) - load(b[j])) / q) * (one32 if uk[j] >= p else zero32)
+                else:
+                    for j in range(L):
+                        o[j] = o[j] + (load(dk[j]) - load(b[j])) * (one32 if uk[j] >= p else zero32)
+        bad = 0
         for j in range(L):
             a = o[j]
             if average:
@@ -182,10 +209,14 @@ def ta_chunk(D, m, base, U, p, q, rescale, average, k_models, scaling, scale, ou
             elif scale:
                 a = a * scaling
             v = load(b[j]) + a
-            bad |= np.int32(abs(v) > FLT_MAX) | np.int32(v != v)
+            bad += nonfinite(v)
             o[j] = v
         if bad:
             return 1
+        if bf16:
+            o16 = out16[i0:i0 + L]
+            for j in range(L):
+                store_bf16(o16, j, o[j])
     return 0
 
 
@@ -224,7 +255,7 @@ def ties_chunk(D, m, base, subtract, U, p, q, rescale, mode, thr, quota, w, weig
             if subtract:
                 for j in range(L):
                     d = load(dk[j]) - load(b[j])
-                    bad |= np.int32(abs(d) > FLT_MAX) | np.int32(d != d)
+                    bad += nonfinite(d)
                     tk[j] = d
                 if U[k].shape[0]:
                     uk = U[k][i0:i0 + L]
@@ -237,7 +268,7 @@ def ties_chunk(D, m, base, subtract, U, p, q, rescale, mode, thr, quota, w, weig
             else:
                 for j in range(L):
                     d = load(dk[j])
-                    bad |= np.int32(abs(d) > FLT_MAX) | np.int32(d != d)
+                    bad += nonfinite(d)
                     tk[j] = d
             md = mode[k]
             if md == KEEP_NONE:
@@ -331,7 +362,7 @@ def ties_chunk(D, m, base, subtract, U, p, q, rescale, mode, thr, quota, w, weig
                 acc[j] = acc[j] * scaling
         for j in range(L):
             v = load(b[j]) + acc[j]
-            bad |= np.int32(abs(v) > FLT_MAX) | np.int32(v != v)
+            bad += nonfinite(v)
             o[j] = v
         if bad:
             return 1, balance, n_amb

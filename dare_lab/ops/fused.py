@@ -367,3 +367,60 @@ def ties_chunk(D, m, base, subtract, U, p, q, rescale, mode, thr, quota, w, weig
         if bad:
             return 1, balance, n_amb
     return 0, balance, n_amb
+
+
+MT_N, MT_M = 624, 397
+"""MT19937, the generator behind ``torch.rand`` on the CPU (ATen's ``mt19937``)."""
+
+
+@njit(cache=True, nogil=True)
+def mt_seed(seed, state):  # pragma: no cover - compiled
+    """``state`` (uint32[625]) ← the MT19937 state torch's ``manual_seed(seed)`` makes: the
+    standard ``init_genrand`` of the seed's low 32 bits; ``state[624]`` = index of the next
+    word (624: twist before the first)."""
+    state[0] = np.uint32(seed & 0xFFFFFFFF)
+    for j in range(1, MT_N):
+        prev = np.uint64(state[j - 1])
+        state[j] = np.uint32((np.uint64(1812433253) * (prev ^ (prev >> np.uint64(30))) + np.uint64(j)) & np.uint64(0xFFFFFFFF))
+    state[MT_N] = MT_N
+
+
+@njit(cache=True, nogil=True)
+def _mt_twist(st):  # pragma: no cover - compiled
+    up, low, a, one = np.uint32(0x80000000), np.uint32(0x7FFFFFFF), np.uint32(0x9908B0DF), np.uint32(1)
+    for i in range(MT_N - MT_M):
+        y = (st[i] & up) | (st[i + 1] & low)
+        st[i] = st[i + MT_M] ^ (y >> one) ^ (a * (y & one))
+    for i in range(MT_N - MT_M, MT_N - 1):
+        y = (st[i] & up) | (st[i + 1] & low)
+        st[i] = st[i + MT_M - MT_N] ^ (y >> one) ^ (a * (y & one))
+    y = (st[MT_N - 1] & up) | (st[0] & low)
+    st[MT_N - 1] = st[MT_M - 1] ^ (y >> one) ^ (a * (y & one))
+
+
+@njit(cache=True, nogil=True)
+def mt_uniforms(state, out):  # pragma: no cover - compiled
+    """``out`` ← the next float32 uniforms of the stream, as ``torch.rand`` draws them: the
+    tempered 32-bit word's low 24 bits × 2⁻²⁴ (exact), one word per entry, in order. Branch-free
+    tempering over whole state blocks (vectorised: ~0.7 ns per entry here, torch ~4-10 ns)."""
+    st = state[:MT_N]
+    pos = np.int64(state[MT_N])
+    n = out.shape[0]
+    scale = np.float32(1.0 / 16777216.0)
+    i = 0
+    while i < n:
+        if pos == MT_N:
+            _mt_twist(st)
+            pos = 0
+        take = min(MT_N - pos, n - i)
+        sv, ov = st[pos:pos + take], out[i:i + take]
+        for j in range(take):
+            y = sv[j]
+            y ^= y >> np.uint32(11)
+            y ^= (y << np.uint32(7)) & np.uint32(0x9D2C5680)
+            y ^= (y << np.uint32(15)) & np.uint32(0xEFC60000)
+            y ^= y >> np.uint32(18)
+            ov[j] = np.float32(np.int32(y & np.uint32(0xFFFFFF))) * scale
+        pos += take
+        i += take
+    state[MT_N] = np.uint32(pos)

@@ -7,8 +7,10 @@ pass float32 or wider, see ``dare_lab.engine``). They apply equally to a delta
 
 from __future__ import annotations
 
+import functools
 import math
 from fractions import Fraction
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -92,21 +94,56 @@ class GeometricStream:
         return out
 
 
+def _is_fresh_cpu(gen: torch.Generator) -> bool:
+    """A CPU generator in the state ``manual_seed(initial_seed())`` leaves (nothing drawn yet)."""
+    if gen.device.type != "cpu":
+        return False
+    return torch.equal(gen.get_state(), torch.Generator().manual_seed(gen.initial_seed()).get_state())
+
+
+@functools.cache
+def compiled_rand_is_torchs(kernels: ModuleType) -> bool:
+    """Whether the compiled MT19937 (``kernels.mt_uniforms``) draws exactly what this torch's
+    ``torch.rand`` draws: checked once per process over 2000 draws in uneven pieces, across
+    state twists (a torch whose CPU generator changed keeps its own draws)."""
+    seed = 0x5EED_2311_0309
+    gen = torch.Generator().manual_seed(seed)
+    ref = torch.cat([torch.rand(k, generator=gen) for k in (1, 623, 700, 676)]).numpy()
+    state = np.empty(kernels.MT_N + 1, dtype=np.uint32)
+    kernels.mt_seed(seed & 0xFFFFFFFF, state)
+    got = np.empty_like(ref)
+    for s, e in ((0, 5), (5, 1300), (1300, 2000)):
+        kernels.mt_uniforms(state, got[s:e])
+    return bool(np.array_equal(got, ref))
+
+
 class MaskStream:
     """A tensor's DARE mask, produced chunk by chunk in flat order (same mask as :func:`keep_mask`).
 
     torch_rand: ``torch.rand`` on the CPU is serial per generator and fills elements in order,
-    so consecutive draws of sizes a, b equal one draw of a + b (tested).
+    so consecutive draws of sizes a, b equal one draw of a + b (tested). With ``kernels``
+    (:mod:`dare_lab.ops.fused`) and a fresh CPU generator, the same uniforms come from the
+    compiled MT19937 seeded like torch's (several times faster; ``generator`` is then not
+    advanced) — only where this torch's ``torch.rand`` is checked to draw exactly those.
     """
 
-    def __init__(self, p: float, generator: torch.Generator, sampler: str = "torch_rand", n: int | None = None):
+    def __init__(self, p: float, generator: torch.Generator, sampler: str = "torch_rand", n: int | None = None,
+                 kernels: ModuleType | None = None):
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown mask sampler {sampler!r}; choose one of {SAMPLERS}")
         self.p, self.gen, self.sampler = float(p), generator, sampler
         self.geo = GeometricStream(p, generator, n) if sampler == "geometric" else None
+        self.kern, self.mt = kernels, None
+        if kernels is not None and sampler == "torch_rand" and _is_fresh_cpu(generator) and compiled_rand_is_torchs(kernels):
+            self.mt = np.empty(kernels.MT_N + 1, dtype=np.uint32)
+            kernels.mt_seed(generator.initial_seed() & 0xFFFFFFFF, self.mt)
 
     def uniforms(self, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """torch_rand only: the next ``count`` float32 uniforms (keep iff u ≥ p)."""
+        if self.mt is not None:
+            buf = torch.empty(count, dtype=torch.float32) if out is None else out[:count]
+            self.kern.mt_uniforms(self.mt, buf.numpy())
+            return buf
         if out is None:
             return torch.rand(count, generator=self.gen, dtype=torch.float32, device=self.gen.device)
         return torch.rand(count, generator=self.gen, dtype=torch.float32, device=self.gen.device, out=out[:count])

@@ -232,7 +232,9 @@ class StreamedMerge:
         if not self.random:
             return None
         gen = tensor_generator(self.method.seed, self.models[k], self.tensor)
-        return MaskStream(self.sp.drop_rate, gen, self.sp.sampler, self.n)
+        # the compiled MT19937 draws torch.rand's uniforms several times faster, whichever path merges
+        kernels = self.kern or (compiled_kernels() if FUSED and self.sp.sampler == "torch_rand" else None)
+        return MaskStream(self.sp.drop_rate, gen, self.sp.sampler, self.n, kernels=kernels)
 
     def _sparsified(self, k: int, mask: MaskStream | None, mag: TopKStream | None, bf: torch.Tensor,
                     th: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ complete entry in ``resume.registry`` is skipped and its recorded results are re
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import shutil
@@ -204,7 +205,12 @@ def main() -> None:
         if msg is not None:
             print(f"dare-lab: error: {msg}", file=sys.stderr)
             sys.exit(2)
-    hydra_main()
+    try:
+        hydra_main()
+    finally:
+        # the process ends here: keep the interpreter's last cyclic collection off the ~10^5
+        # objects torch and friends created (measured ~0.5 s of a merge's exit)
+        gc.freeze()
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ t1 = time.perf_counter()
 merge_models(cfg["base"], cfg["models"], build_method(**cfg["method"]), cfg["out"], threads=cfg["threads"])
 t2 = time.perf_counter()
 print(json.dumps({"import_s": t1 - t0, "merge_s": t2 - t1}))
+import gc; gc.freeze()  # as dare-lab's CLI does before it exits (skips a last collection over torch's objects)
 """
 
 

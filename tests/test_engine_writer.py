@@ -105,3 +105,53 @@ def test_a_refused_direct_write_falls_back_to_buffered(tmp_path, monkeypatch):
     assert w.direct is False
     got = load_file(tmp_path / "model.safetensors")
     assert all(torch.equal(got[k].view(torch.uint8), data[k].contiguous().view(torch.uint8)) for k in data)
+
+
+def test_a_failed_background_write_fails_the_output(tmp_path, monkeypatch):
+    """A write-behind that fails (disk full) raises at finish: no output looks complete."""
+    real = W._pwrite_all
+    direct_fds = track_direct_fds(monkeypatch)
+    if not supports_direct(tmp_path):
+        pytest.skip("this file system takes no O_DIRECT writes")
+
+    def disk_full(fd, buf, offset):
+        if fd in direct_fds or len(buf) >= W.DIRECT_MIN:
+            raise OSError(28, "No space left on device")
+        real(fd, buf, offset)
+    monkeypatch.setattr(W, "_pwrite_all", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        write_all(tmp_path, True, True)
+
+
+def test_write_behind_holds_at_most_its_buffers_in_flight(tmp_path, monkeypatch):
+    import threading
+
+    if not supports_direct(tmp_path):
+        pytest.skip("this file system takes no O_DIRECT writes")
+    monkeypatch.setattr(W.ShardedSafetensorsWriter, "WRITE_BEHIND", 2)
+    real, gate, started = W._pwrite_all, threading.Event(), []
+    direct_fds = track_direct_fds(monkeypatch)
+
+    def slow_disk(fd, buf, offset):
+        if fd in direct_fds:
+            started.append(offset)
+            gate.wait(30)
+        real(fd, buf, offset)
+    monkeypatch.setattr(W, "_pwrite_all", slow_disk)
+    w = W.ShardedSafetensorsWriter(tmp_path, [("x", (5, 100_000), torch.float32)])
+    x = torch.randn(5, 100_000)
+    sent = []
+
+    def produce():
+        for i in range(5):   # rows start off a page: each goes through the write-behind copy
+            w.write_range("x", i * 100_000, x[i])
+            sent.append(i)
+    t = threading.Thread(target=produce)
+    t.start()
+    t.join(1.0)
+    assert t.is_alive() and len(sent) == 2   # two buffers in flight, the third write waits for one
+    gate.set()
+    t.join(30)
+    w.done("x")
+    w.finish()
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["x"], x)

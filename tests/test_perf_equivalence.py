@@ -247,3 +247,21 @@ def test_non_finite_anywhere_gives_the_reference_outcome(key, bad, monkeypatch):
         assert got == expected
     else:
         assert_bits_equal(expected, got)
+
+
+def test_compiled_bf16_rounding_is_torchs_on_the_hard_cases(monkeypatch):
+    """Task arithmetic's loop rounds fp32 → bf16 itself: halfway cases (to even), negative
+    ones, subnormals, -0.0 and values that round up to ±Inf give torch's bits."""
+    one_ulp = 2.0 ** -7                      # bf16 spacing at 1.0
+    hard = [1 + one_ulp / 2, 1 + 3 * one_ulp / 2, -(1 + one_ulp / 2), -(1 + 3 * one_ulp / 2), 1 + one_ulp / 2 + 2**-20,
+            2.0 ** -130, -(2.0 ** -133) * 3, 1e-45, -0.0, 0.0, 3.3961e38, -3.3961e38, 65504.0, 1 / 3, -2 / 3]
+    x = torch.tensor(hard * 700, dtype=torch.float32)   # 10 500 entries: several blocks and chunks
+    base, models = {"w": torch.zeros_like(x)}, {"a": {"w": x}}
+    method = METHODS["ta"]
+    with monkeypatch.context() as mp:
+        mp.setattr(engine, "_FAST", False)
+        want = merge_state_dicts(base, models, method, out_dtype="bf16")["w"]
+    got = merge_state_dicts(base, models, method, out_dtype="bf16")["w"]
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    nz = x != 0   # 0 + (−0.0) is +0.0 on both paths
+    assert torch.equal(want.view(torch.int16)[nz], x.bfloat16().view(torch.int16)[nz])

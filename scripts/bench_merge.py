@@ -197,26 +197,28 @@ def mergekit_cmd(exe: str, base: Path, models: list[Path], key: str, out: Path, 
     return [exe, str(cfg), str(out), "--lazy-unpickle", "--random-seed", "0", "--quiet"]
 
 
+def read_inputs(inputs: list[Path], view: memoryview | None = None) -> int:
+    """Read every safetensors file of the checkpoints once (into the page cache); bytes read."""
+    view = view if view is not None else memoryview(bytearray(16 << 20))
+    total = 0
+    for f in (f for d in inputs for f in sorted(d.glob("*.safetensors"))):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            while (n := os.readv(fd, [view])) > 0:
+                total += n
+        finally:
+            os.close(fd)
+    return total
+
+
 def io_floor(inputs: list[Path], out_bytes: int, scratch: Path) -> dict:
     """Read every input file from the page cache (warmed first), write + fsync out_bytes."""
-    files = [f for d in inputs for f in sorted(d.glob("*.safetensors"))]
     buf = bytearray(16 << 20)
     view = memoryview(buf)
 
-    def read_all() -> int:
-        total = 0
-        for f in files:
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                while (n := os.readv(fd, [view])) > 0:
-                    total += n
-            finally:
-                os.close(fd)
-        return total
-
-    read_all()
+    read_inputs(inputs, view)
     t = time.perf_counter()
-    nbytes = read_all()
+    nbytes = read_inputs(inputs, view)
     read_s = time.perf_counter() - t
     target = scratch / "floor.bin"
     t = time.perf_counter()
@@ -281,6 +283,7 @@ def main() -> None:
             for tool in tools:
                 out = scratch / f"{tool}-{key}"
                 shutil.rmtree(out, ignore_errors=True)
+                read_inputs([base, *models])   # the other tool's run may have pushed inputs out of the cache
                 if tool == "dare_lab":
                     spec = (METHODS.get(key) or EXTRA[key])[0]
                     r = run_measured(dare_lab_cmd(base, models, spec, out, args.threads), env)
@@ -318,6 +321,7 @@ def run_scaling(args, cache: Path, scratch: Path, env: dict) -> list[dict]:
             for key in ("dare_ta",):
                 out = scratch / f"scale-{size}-{k}-{key}"
                 shutil.rmtree(out, ignore_errors=True)
+                read_inputs([base, *models])
                 r = run_measured(dare_lab_cmd(base, models, METHODS[key][0], out, args.threads), env)
                 r.update(json.loads(r.pop("stdout").strip().splitlines()[-1]))
                 shutil.rmtree(out, ignore_errors=True)
@@ -390,7 +394,7 @@ def write_report(args, keys, extras, runs, floor, scaling, delta) -> None:
         f"Synthetic Llama-shaped bf16 checkpoints, {size_b:.3f} B parameters each (size `{args.size}`): base ~ N(0, 0.02), "
         f"K = {args.models} fine-tuned = base + N(0, 0.001). {platform.machine()}, {os.cpu_count()} cores; "
         f"dare_lab threads={args.threads}; mergekit `--lazy-unpickle --random-seed 0`, `dtype: float32`, `out_dtype: bfloat16`. "
-        f"Each merge is a fresh subprocess started after `sync` (wall includes interpreter start and imports; CPU = user + sys; peak RSS from `wait4`, the benchmark process itself kept small); "
+        f"Each merge is a fresh subprocess started after its inputs were read once into the page cache and a `sync` (wall includes interpreter start and imports; CPU = user + sys; peak RSS from `wait4`, the benchmark process itself kept small); "
         f"tools alternate; median of {args.reps} repetitions (mergekit: {args.reps if args.mk_reps is None else min(args.reps, args.mk_reps)}). Command: `python scripts/bench_merge.py --size {args.size} --models {args.models} --reps {args.reps}"
         f"{'' if args.mk_reps is None else f' --mk-reps {args.mk_reps}'}"
         f"{' --scaling' if scaling else ''}{' --delta' if delta else ''}`.", "",

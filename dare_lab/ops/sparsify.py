@@ -232,17 +232,14 @@ def kth_largest(a: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     vals = a.detach().numpy() if on_numpy else a
     sample = a[torch.randint(n, (m,), generator=g, device=a.device)]
     sample = torch.from_numpy(np.sort(sample.numpy())) if on_numpy else sample.sort().values
-    centre = (n - k) / n * m          # sample rank of the target (from the bottom)
-    margin = 4.0 * math.sqrt(m * (k / n) * (1 - k / n)) + 8
     step = 1 << 16 if on_numpy else 1 << 22
     count = np.count_nonzero if on_numpy else torch.count_nonzero
+    widen = 1.0
     while True:
-        lo_i, hi_i = int(centre - margin), int(centre + margin)
-        lo = float(sample[lo_i]) if lo_i >= 0 else -math.inf
-        hi = float(sample[hi_i]) if hi_i < m else math.inf
+        lo, hi = sample_bracket(sample, n, k, widen)
         above, parts = 0, []
-        v = float(sample[max(lo_i, 0)])
-        if v == float(sample[min(hi_i, m - 1)]):
+        v = lo if lo != -math.inf else float(sample[0])
+        if v == (hi if hi != math.inf else float(sample[m - 1])):
             # the bracket holds one value (a tie-heavy tensor, e.g. mostly zeros after DARE):
             # count the entries above and at it instead of gathering them
             inside = 0
@@ -269,7 +266,7 @@ def kth_largest(a: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
             # only NaN can get here (comparisons with NaN are false): defer to kthvalue
             thr = torch.kthvalue(a, n - k + 1).values
             return thr, int(torch.count_nonzero(a > thr))
-        margin *= 8
+        widen *= 8
 
 
 def top_magnitude_mask(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -92,6 +92,17 @@ def _chunk_reader(src: TensorSource, name: str, key: str):
     return ChunkReader.of_tensor(src.get(name))
 
 
+def _into(flat: torch.Tensor) -> tuple[Callable[[int, torch.Tensor], None], Callable[[torch.Tensor, torch.Tensor], None]]:
+    """``emit`` / ``patch`` callbacks for :meth:`StreamedMerge.run` that merge into the flat
+    in-memory tensor ``flat`` (cast to its dtype)."""
+    def emit(s: int, chunk: torch.Tensor) -> None:
+        flat[s: s + chunk.numel()].copy_(chunk)
+
+    def patch(idx: torch.Tensor, vals: torch.Tensor) -> None:
+        flat[idx] = vals.to(flat.dtype)
+    return emit, patch
+
+
 def _merge_one(plan: TensorPlan, base: TensorSource, models: Mapping[str, TensorSource], method: MergeMethod,
                dtype: torch.dtype, out_dtype: torch.dtype | None,
                writer: ShardedSafetensorsWriter | None = None) -> torch.Tensor | None:
@@ -118,14 +129,8 @@ def _merge_one(plan: TensorPlan, base: TensorSource, models: Mapping[str, Tensor
             # TIES patches entries once the tensor's majority sign is known: merge into the
             # writer's staging buffer, patch there, write once (no read-back of written data)
             staged = writer.staged(plan.name)
-
-            def emit_staged(s: int, chunk: torch.Tensor) -> None:
-                staged[s: s + chunk.numel()].copy_(chunk)
-
-            def patch_staged(idx: torch.Tensor, vals: torch.Tensor) -> None:
-                staged[idx] = vals.to(target)
             try:
-                job.run(emit_staged, patch_staged)
+                job.run(*_into(staged))
             except NonFiniteChunk:
                 writer.write(plan.name, _merge_one_reference(plan, base, models, method, dtype, out_dtype))
                 return None
@@ -150,15 +155,8 @@ def _merge_one(plan: TensorPlan, base: TensorSource, models: Mapping[str, Tensor
             return None
         result = torch.empty(n, dtype=target)
         job.emit_dtype = target
-
-        def emit_mem(s: int, chunk: torch.Tensor) -> None:
-            result[s: s + chunk.numel()].copy_(chunk)
-
-        def patch(idx: torch.Tensor, vals: torch.Tensor) -> None:
-            result[idx] = vals.to(target)
-
         try:
-            job.run(emit_mem, patch)
+            job.run(*_into(result))
             result = result.view(plan.shape)
         except NonFiniteChunk:
             result = _merge_one_reference(plan, base, models, method, dtype, out_dtype)

@@ -1,5 +1,5 @@
-"""Compiled (numba) loops for the two costliest streamed steps: TIES on a chunk, and the k-th
-value bracket scan.
+"""Compiled (numba) loops for the costliest streamed steps: TIES and task arithmetic on a
+chunk, the k-th value bracket scan, and the MT19937 stream behind DARE's ``torch.rand`` masks.
 
 Why: as a chain of torch/numpy calls, TIES on a chunk is ~60 element-wise passes over L3-sized
 buffers (~10 ns per model entry on one core); one compiled loop reads each input once. Every

@@ -54,14 +54,14 @@ BRACKET_WIDEN = 1.5            # bracket half-width in units of kth_largest's (4
 BRACKET_SHARE = 0.025          # share of entries inside such a bracket at worst (median k); capacity 6×
 MAX_COUNTED_VALUES = 8         # tie-heavy brackets: up to this many values are counted instead of gathered
 FUSED = importlib.util.find_spec("numba") is not None and not os.environ.get("DARE_LAB_NO_NUMBA")
-"""Use the compiled TIES loops (:mod:`dare_lab.ops.fused`) where they apply; tests switch them
-off to check that both paths give the same bits."""
+"""Use the compiled loops (:mod:`dare_lab.ops.fused`) where they apply; tests switch them off
+to check that both paths give the same bits."""
 _KERNELS: ModuleType | bool | None = None
 
 
 def compiled_kernels() -> ModuleType | None:
-    """:mod:`dare_lab.ops.fused`, imported on first use (numba costs ~0.3 s to import, and only
-    TIES merges need it); None where it does not import."""
+    """:mod:`dare_lab.ops.fused`, imported on first use (numba costs ~0.3 s to import, and merges
+    without a compiled loop or DARE mask stream do not need it); None where it does not import."""
     global _KERNELS
     if _KERNELS is None:
         try:
@@ -212,7 +212,6 @@ class StreamedMerge:
         self.mag: list[TopKStream | None] = [None] * len(self.models)
         self.cut: list[TopKStream | None] = [None] * len(self.models)
         self.mag_k = keep_count(n, sp.drop_rate) if self.sparse and sp.kind == "magnitude" else None
-        # the compiled TIES loop covers mean/sum in float32 (the common case); max and float64 stay on torch
         # compiled loops: TIES (mean/sum) with any sparsifier; task arithmetic / average with unit
         # weights and no or torch_rand DARE / DropOnly on δ (weights ≠ 1 stay on torch, whose
         # add-with-alpha may fuse the multiply-add); float32 compute only
@@ -446,7 +445,6 @@ class StreamedMerge:
             else:
                 mode[k], thr[k], quota[k] = self.kern.THRESHOLD, c.threshold, c.quota
         return {"mode": mode, "thr": thr, "quota": quota, "w": np.asarray(self.weights, dtype=np.float32),
-                "no_u": (np.zeros(0, dtype=np.float32),) * K,
                 "D": workspace("D", K * self.chunk, torch.float32).view(K, self.chunk),
                 "amb_idx": workspace("amb_idx", self.chunk, torch.int64).numpy(),
                 "amb_t": workspace("amb_t", K * self.chunk, torch.float32).view(K, self.chunk).numpy(),
@@ -491,8 +489,8 @@ class StreamedMerge:
         return balance
 
     def _uniforms(self, masks: list, m: int) -> tuple[np.ndarray, ...]:
-        """DARE inside the compiled loop: the next m uniforms of each model's stream (only these
-        come from torch, so the masks are the same), or K empty arrays for no DARE."""
+        """DARE inside the compiled loop: the next m uniforms of each model's mask stream (torch.rand's
+        numbers, so the masks are the same), or K empty arrays for no DARE."""
         K = len(self.models)
         if not self.dare_in_loop:
             return (np.zeros(0, dtype=np.float32),) * K

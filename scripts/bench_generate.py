@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "results" / "bench"))
     args = ap.parse_args()
 
-    from dare_lab.testing import make_tiny_pool
+    from dare_lab.pools.tiny import make_tiny_pool
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,7 +81,7 @@ def main() -> None:
     notes = []
     if not args.skip_smollm2:
         try:
-            from dare_lab.demo_decoder.build import smollm2_base
+            from dare_lab.pools.decoder_demo import smollm2_base
 
             t = time.perf_counter()
             base = smollm2_base(args.cache)

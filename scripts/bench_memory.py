@@ -26,7 +26,7 @@ def hwm_kb():
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
 from dare_lab.engine import merge_models
-from dare_lab.methods import build_method
+from dare_lab.ops.presets import build_method
 cfg = json.loads(sys.argv[1])
 rss0 = hwm_kb()  # after imports; VmHWM is per process image (ru_maxrss survives exec)
 t = time.perf_counter()

@@ -56,7 +56,7 @@ CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
 from dare_lab.engine import merge_models
-from dare_lab.methods import build_method
+from dare_lab.ops.presets import build_method
 cfg = json.loads(sys.argv[1])
 t1 = time.perf_counter()
 merge_models(cfg["base"], cfg["models"], build_method(**cfg["method"]), cfg["out"], threads=cfg["threads"])

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_bert_pool(tmp_path_factory):
     """Base + 2 tiny random BERT classifiers (single-file safetensors)."""
-    from dare_lab.testing import make_tiny_pool
+    from dare_lab.pools.tiny import make_tiny_pool
 
     return make_tiny_pool(tmp_path_factory.mktemp("tiny_bert"), "bert", n_models=2, seed=0)
 
@@ -21,6 +21,6 @@ def tiny_bert_pool(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama_pool(tmp_path_factory):
     """Base + 2 tiny random Llama models, written as sharded safetensors with an index."""
-    from dare_lab.testing import make_tiny_pool
+    from dare_lab.pools.tiny import make_tiny_pool
 
     return make_tiny_pool(tmp_path_factory.mktemp("tiny_llama"), "llama", n_models=2, seed=0, max_shard_size="20KB")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dare_lab.analysis import redundancy as R
-from dare_lab.modelpool import ModelPool
-from dare_lab.testing import make_tiny_pool
+from dare_lab.engine.pool import ModelPool
+from dare_lab.pools.tiny import make_tiny_pool
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dare_lab.analysis.similarity import LayerCosine, embedding_similarity, token_cosine
-from dare_lab.testing import CORPUS, make_tiny_pool
+from dare_lab.pools.tiny import CORPUS, make_tiny_pool
 
 
 @pytest.fixture(scope="module")

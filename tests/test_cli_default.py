@@ -2,7 +2,7 @@
 
 import sys
 
-import dare_lab.cli as cli
+import dare_lab.shell.cli as cli
 
 
 def test_no_arguments_select_the_embedded_demo(monkeypatch):
@@ -22,4 +22,4 @@ def test_embedded_default_composes(tmp_path):
     with initialize_config_dir(config_dir=cli.CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=cli.EMBEDDED_DEFAULT)
     assert cfg.program == "dare_lab.programs.encoder_demo:run"
-    assert cfg.modelpool._target_ == "dare_lab.demo.pool.demo_pool"
+    assert cfg.modelpool._target_ == "dare_lab.pools.encoder_demo.demo_pool"

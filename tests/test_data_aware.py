@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dare_lab.data_aware import DataAwareMerge, fisher_diagonal, gram_matrices
-from dare_lab.modelpool import ModelPool
+from dare_lab.engine.pool import ModelPool
 from dare_lab.ops import dare, tensor_generator
 from dare_lab.ops.data_aware import fisher_merge, reduce_off_diagonal, regmean_merge
 from dare_lab.taskpool.classification import TaskSpec, load_split, read_state_dict

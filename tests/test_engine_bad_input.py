@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dare_lab.engine import merge_models
-from dare_lab.methods import build_method
-from dare_lab.testing import make_tiny_pool
+from dare_lab.ops.presets import build_method
+from dare_lab.pools.tiny import make_tiny_pool
 
 TA = build_method("task_arithmetic")
 
@@ -107,7 +107,7 @@ def test_existing_output_is_not_overwritten_silently(tiny_bert_pool, tmp_path):
 
 def run_cli(tmp_path, *args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "dare_lab.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "dare_lab.shell.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("override,message", [

@@ -17,7 +17,7 @@ from dare_lab.ops import tensor_generator
 
 def run_cli(*args, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "dare_lab.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "dare_lab.shell.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def load_dir(path) -> dict:

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from dare_lab.engine import merge_models, merge_state_dicts
-from dare_lab.methods import build_method
-from dare_lab.testing import make_tiny_pool
+from dare_lab.ops.presets import build_method
+from dare_lab.pools.tiny import make_tiny_pool
 
 DARE = build_method("dare_task_arithmetic", drop_rate=0.5, seed=5)
 

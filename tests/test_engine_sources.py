@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import dare_lab
 from dare_lab.engine import CheckpointReader, merge_state_dicts
-from dare_lab.methods import build_method
+from dare_lab.ops.presets import build_method
 
 
 def to_bin(src: str, dst: Path) -> str:

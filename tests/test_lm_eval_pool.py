@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install 'dare_lab[lmeval]')")
 
 from dare_lab.taskpool.lm_eval_pool import PRESETS, LMEvalTaskPool, expand_tasks, flatten_results  # noqa: E402
-from dare_lab.testing import make_tiny_pool  # noqa: E402
+from dare_lab.pools.tiny import make_tiny_pool  # noqa: E402
 
 ROWS = [{"question": f"what is {a} plus {b}?", "choices": [str(a + b), str(a + b + 1), str(a * b + 7)], "label": (a + b) % 3}
         for a in range(4) for b in range(3)]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dare_lab.methods import PRESETS, build_method
+from dare_lab.ops.presets import PRESETS, build_method
 from dare_lab.ops import MergeMethod, Merger, Sparsifier, average, task_arithmetic, ties, ties_trim
 
 D1 = torch.tensor([3.0, -2.0, 1.0, 0.5])

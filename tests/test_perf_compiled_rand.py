@@ -7,7 +7,8 @@ import torch
 
 import dare_lab.ops.sparsify as sparsify
 from dare_lab.engine import merge_state_dicts
-from dare_lab.ops import fused, tensor_generator
+from dare_lab.engine import kernels as fused
+from dare_lab.ops import tensor_generator
 from dare_lab.ops.method import MergeMethod, Merger, Sparsifier
 from dare_lab.ops.sparsify import MaskStream
 

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dare_lab.engine.merge as engine
-import dare_lab.ops.streamed as streamed
-from dare_lab.ops import fused
+import dare_lab.engine.streamed as streamed
+from dare_lab.engine import kernels as fused
 from dare_lab.engine import merge_models, merge_state_dicts
 from dare_lab.ops.method import MergeMethod, Merger, Sparsifier
 from dare_lab.ops.sparsify import kth_largest, top_magnitude_mask

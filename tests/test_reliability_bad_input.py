@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dare_lab.engine import Scope, merge_models
-from dare_lab.methods import build_method
+from dare_lab.ops.presets import build_method
 
 TA = build_method("task_arithmetic")
 BERT_MAIN = "bert.encoder.layer.0.attention.self.query.weight"
@@ -311,7 +311,7 @@ OVERRIDE_CASES = [
     (["output.overwrite=yes"], "output.overwrite=yes: expected true or false (default False)"),
     (["method.seed=1.5"], "method.seed=1.5: expected an integer (default 0)"),
     (["engine=fast"], "engine=fast: expected a config group/mapping (default {dtype, out_dtype, threads, max_shard_size, vocab_policy, scope})"),
-    (["+method.drop_rat=0.5"], "unknown parameter 'drop_rat' of method (dare_lab.methods.build_method); did you mean 'drop_rate'? valid: "
+    (["+method.drop_rat=0.5"], "unknown parameter 'drop_rat' of method (dare_lab.ops.presets.build_method); did you mean 'drop_rate'? valid: "
                               "name, sparsifier, drop_rate, rescale, target, sampler, merger, scaling, retain_ratio, merge_func, "
                               "weights, weighted_election, seed"),
     (["engine.threads=[1,2"], "cannot parse the overrides: no viable alternative at input '[1,2'"),
@@ -320,7 +320,7 @@ OVERRIDE_CASES = [
 
 @pytest.mark.parametrize("argv,expected", OVERRIDE_CASES, ids=[" ".join(c[0]) for c in OVERRIDE_CASES])
 def test_override_errors_name_the_valid_choices(argv, expected):
-    from dare_lab.cli import precheck
+    from dare_lab.shell.cli import precheck
 
     msg = precheck(argv)
     assert msg is not None and "\n" not in msg
@@ -328,7 +328,7 @@ def test_override_errors_name_the_valid_choices(argv, expected):
 
 
 def test_valid_overrides_pass_the_precheck(tiny_bert_pool):
-    from dare_lab.cli import precheck
+    from dare_lab.shell.cli import precheck
 
     assert precheck(["-m", "method=ties,dare_ties", "method.drop_rate=0.0,0.5", "engine.threads=1",
                      "modelpool=custom", f"modelpool.base={tiny_bert_pool.base}", "+modelpool.models={a: b}",
@@ -338,7 +338,7 @@ def test_valid_overrides_pass_the_precheck(tiny_bert_pool):
 
 def test_cli_override_error_is_one_line_exit_2_and_no_run_dir(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    r = subprocess.run([sys.executable, "-m", "dare_lab.cli", "method=dare_tie", "+api_token=hunter2-secret"], cwd=tmp_path,
+    r = subprocess.run([sys.executable, "-m", "dare_lab.shell.cli", "method=dare_tie", "+api_token=hunter2-secret"], cwd=tmp_path,
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
     assert r.stderr.strip() == f"dare-lab: error: unknown method 'dare_tie' (method=dare_tie); did you mean 'dare_ties'? choose one of: {METHODS}"

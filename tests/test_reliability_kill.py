@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from dare_lab.engine import merge_models
-from dare_lab.methods import build_method
+from dare_lab.ops.presets import build_method
 
 CHILD = r"""
 import os, sys, time
@@ -51,7 +51,7 @@ def slow_replace(src, dst):
     return out
 say("START")
 from dare_lab.engine import merge_models
-from dare_lab.methods import build_method
+from dare_lab.ops.presets import build_method
 import dare_lab.engine.writer as writer
 _exchange = writer.exchange
 def slow_exchange(a, b):

@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from dare_lab.engine import merge_models
-from dare_lab.methods import build_method
-from dare_lab.run_identity import identity_payload, run_id
+from dare_lab.ops.presets import build_method
+from dare_lab.shell.run_identity import identity_payload, run_id
 
 DARE_TIES = build_method("dare_ties", drop_rate=0.7, retain_ratio=0.5, seed=4)
 
@@ -101,8 +101,8 @@ def test_metadata_records_versions_and_input_index_hashes(tiny_llama_pool, tiny_
 
 BASE_CFG = {
     "program": "dare_lab.programs.merge:run", "experiment_name": "default", "cache_dir": "~/.cache/dare_lab",
-    "modelpool": {"_target_": "dare_lab.modelpool.ModelPool", "base": "/m/base", "models": {"a": "/m/a"}},
-    "method": {"_target_": "dare_lab.methods.build_method", "name": "dare_ties", "drop_rate": 0.9, "seed": 0},
+    "modelpool": {"_target_": "dare_lab.engine.pool.ModelPool", "base": "/m/base", "models": {"a": "/m/a"}},
+    "method": {"_target_": "dare_lab.ops.presets.build_method", "name": "dare_ties", "drop_rate": 0.9, "seed": 0},
     "engine": {"dtype": "float32", "threads": 2, "scope": {"include": [".*"]}},
     "output": {"model_dir": None, "overwrite": False},
     "taskpool": {"output_dir": "/tmp/x", "limit": 10},

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 
-from dare_lab import cli
+from dare_lab.shell import cli
 
 SECRET_OVERRIDE = "sk-SWEEPSECRET123456"
 SECRET_ENV = "wandbkey-SECRET-abcdef0123"
@@ -30,7 +30,7 @@ def slow_pwrite(fd, data, offset):
     time.sleep(0.01)
     return _pwrite(fd, data, offset)
 os.pwrite = slow_pwrite
-import dare_lab.cli as cli
+import dare_lab.shell.cli as cli
 _record = cli.record_complete
 def slow_record(*a, **k):
     say("REC")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dare_lab.run_identity import REDACTED, is_secret_key, redact, redact_text
+from dare_lab.shell.run_identity import REDACTED, is_secret_key, redact, redact_text
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted((ROOT / "dare_lab").rglob("*.py"))

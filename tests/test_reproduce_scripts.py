@@ -1,4 +1,4 @@
-"""Every scripts/reproduce_*.sh runs end to end in its fast mode (tiny pool) and writes a
+"""Every item of scripts/reproduce.sh runs end to end in its fast mode (tiny pool) and writes a
 sane table and PNG under results/<experiment>/."""
 
 import csv
@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted(p.name for p in (ROOT / "scripts").glob("reproduce_*.sh"))
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -19,11 +18,11 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("dare_lab_cache")  # the tiny pool is built once for all scripts
 
 
-def _run(script: str, tmp_path: Path, cache_dir: Path) -> tuple[str, Path]:
+def _run(item: str, tmp_path: Path, cache_dir: Path) -> tuple[str, Path]:
     env = dict(os.environ, DARE_LAB_RESULTS=str(tmp_path / "results"), DARE_LAB_CACHE=str(cache_dir),
                PYTHON=sys.executable, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline")
     env.pop("WANDB_API_KEY", None)
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / script), "--fast", "run_name=t"], cwd=tmp_path, env=env,
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce.sh"), item, "--fast", "run_name=t"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout, tmp_path / "results"
@@ -40,17 +39,25 @@ def _png(path: Path) -> None:
     assert data[:8] == PNG and len(data) > 5000, path
 
 
-def test_every_paper_item_has_a_script():
+def test_every_paper_item_has_an_entry():
     expected = {"fig3_redundancy", "fig6_embedding_similarity", "fig8_droponly", "fig9_magnitude",
                 "table6_delta_ranges", "fig11_finetuned_params", "table1_merge"}
-    assert {s[len("reproduce_"):-3] for s in SCRIPTS} == expected
+    items = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce.sh"), "--list"], capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert set(items) == expected
+    assert {p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")} >= expected
+
+
+def test_unknown_item_is_one_line_exit_2():
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce.sh"), "fig99"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: scripts/reproduce.sh <item>")
 
 
 @pytest.mark.parametrize("script,experiment,methods", [
-    ("reproduce_fig3_redundancy.sh", "fig3_redundancy", {"dare", "drop_only", "magnitude"}),
-    ("reproduce_fig8_droponly.sh", "fig8_droponly", {"dare", "drop_only"}),
-    ("reproduce_fig9_magnitude.sh", "fig9_magnitude", {"dare", "magnitude"}),
-    ("reproduce_fig11_finetuned_params.sh", "fig11_finetuned_params", {"dare", "magnitude"}),
+    ("fig3_redundancy", "fig3_redundancy", {"dare", "drop_only", "magnitude"}),
+    ("fig8_droponly", "fig8_droponly", {"dare", "drop_only"}),
+    ("fig9_magnitude", "fig9_magnitude", {"dare", "magnitude"}),
+    ("fig11_finetuned_params", "fig11_finetuned_params", {"dare", "magnitude"}),
 ])
 def test_redundancy_scripts(script, experiment, methods, tmp_path, cache_dir):
     out, res = _run(script, tmp_path, cache_dir)
@@ -72,7 +79,7 @@ def test_redundancy_scripts(script, experiment, methods, tmp_path, cache_dir):
 
 
 def test_fig6_embedding_similarity_script(tmp_path, cache_dir):
-    out, res = _run("reproduce_fig6_embedding_similarity.sh", tmp_path, cache_dir)
+    out, res = _run("fig6_embedding_similarity", tmp_path, cache_dir)
     run = res / "fig6_embedding_similarity" / "t"
     rows = _csv(run / "tables" / "similarity_layers.csv")
     assert len(rows) == 2 * 2 * 3  # models × methods × p
@@ -87,7 +94,7 @@ def test_fig6_embedding_similarity_script(tmp_path, cache_dir):
 
 
 def test_table6_delta_ranges_script(tmp_path, cache_dir):
-    out, res = _run("reproduce_table6_delta_ranges.sh", tmp_path, cache_dir)
+    out, res = _run("table6_delta_ranges", tmp_path, cache_dir)
     run = res / "table6_delta_ranges" / "t"
     rows = _csv(run / "tables" / "table6_deltas.csv")
     assert [r["model"] for r in rows] == ["ft0", "ft1"]
@@ -101,7 +108,7 @@ def test_table6_delta_ranges_script(tmp_path, cache_dir):
 
 
 def test_table1_merge_script(tmp_path, cache_dir):
-    out, res = _run("reproduce_table1_merge.sh", tmp_path, cache_dir)
+    out, res = _run("table1_merge", tmp_path, cache_dir)
     (run,) = list((res / "table1_merge").iterdir())
     rows = _csv(run / "tables" / "table1_merge.csv")
     assert [r["method"] for r in rows] == ["task_arithmetic", "dare_task_arithmetic", "ties", "dare_ties"]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dare_lab.sandbox import Sandbox, SandboxLimits
+from dare_lab.taskpool.generation.code.sandbox import Sandbox, SandboxLimits
 from dare_lab.taskpool.generation.tasks import get_task
 
 PROJECT = Path(__file__).resolve().parent.parent

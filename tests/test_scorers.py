@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from dare_lab.taskpool.generation.code_scoring import extract_code, pass_at_k
+from dare_lab.taskpool.generation.code.scoring import extract_code, pass_at_k
 from dare_lab.taskpool.generation.math_scoring import (
     extract_gsm8k_answer,
     extract_math_answer,

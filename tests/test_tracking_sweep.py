@@ -11,7 +11,7 @@ def test_multirun_jobs_are_joined_in_the_experiment_summary(tmp_path):
     env = dict(os.environ, DARE_LAB_RESULTS=str(tmp_path / "results"), DARE_LAB_CACHE=str(tmp_path / "cache"),
                HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1")
     env.pop("WANDB_API_KEY", None)
-    proc = subprocess.run([sys.executable, "-m", "dare_lab.cli", "-m", "+experiment=table6_delta_ranges",
+    proc = subprocess.run([sys.executable, "-m", "dare_lab.shell.cli", "-m", "+experiment=table6_delta_ranges",
                            "modelpool=tiny_bert", "analysis.fraction=0.5,1.0", "analysis.models=[ft0]"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from dare_lab.modelpool import ModelPool
+from dare_lab.engine.pool import ModelPool
 
 
 def _load(ref: str):
@@ -39,11 +39,11 @@ def _load(ref: str):
 
 
 class FidelityTaskPool:
-    """``texts``: inputs (default: the tiny corpus of ``dare_lab.testing``); ``n``: how many."""
+    """``texts``: inputs (default: the tiny corpus of ``dare_lab.pools.tiny``); ``n``: how many."""
 
     def __init__(self, texts: Sequence[str] | None = None, n: int = 28, batch_size: int = 16, max_length: int = 64):
         if texts is None:
-            from dare_lab.testing import CORPUS
+            from dare_lab.pools.tiny import CORPUS
 
             texts = CORPUS
         self.texts = [str(t) for t in list(texts)[: int(n)]]

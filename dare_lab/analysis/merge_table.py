@@ -1,6 +1,6 @@
 """Table 1 style report of a merge sweep: one row per method, one column per metric.
 
-Reads the jobs of a Hydra sweep (``metrics.json`` per job, as joined by ``dare_lab.sweep``),
+Reads the jobs of a Hydra sweep (``metrics.json`` per job, as joined by ``dare_lab.tracking.summaries``),
 writes the table (CSV + Markdown) and a grouped bar chart under
 ``results/table1_merge/<run>/`` through a :class:`LocalTracker`, and prints them with the
 paper's reference notes.
@@ -15,7 +15,7 @@ import numpy as np
 
 
 def merge_rows(sweep_dir: Path) -> list[dict[str, Any]]:
-    from dare_lab.sweep import collect_sweep
+    from dare_lab.tracking.summaries import collect_sweep
 
     rows = []
     for r in collect_sweep(Path(sweep_dir)):
@@ -27,9 +27,9 @@ def merge_rows(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def bar_chart(path: Path, rows: list[dict[str, Any]], metrics: list[str], title: str) -> Path:
-    from dare_lab.analysis.plots import _figure, _save
+    from dare_lab.tracking.figures import new_figure, save_png
 
-    fig = _figure(max(6.4, 1.2 * len(metrics) + 3), 4.2)
+    fig = new_figure(max(6.4, 1.2 * len(metrics) + 3), 4.2)
     ax = fig.add_subplot(111)
     width = 0.8 / max(len(rows), 1)
     xs = np.arange(len(metrics))
@@ -40,7 +40,7 @@ def bar_chart(path: Path, rows: list[dict[str, Any]], metrics: list[str], title:
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def report(sweep_dir: Path, run_name: str, experiment: str = "table1_merge") -> Path:

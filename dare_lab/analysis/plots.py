@@ -5,29 +5,14 @@ Every function writes one PNG atomically and returns its path.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from dare_lab.tracking.figures import line_plot, new_figure, save_png
 
-def _figure(w: float = 6.4, h: float = 4.2):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(w, h), dpi=110)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: str | Path) -> Path:
-    from dare_lab.tracking.local import atomic_write
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    return atomic_write(path, buf.getvalue())
+__all__ = ["METHOD_STYLE", "method_label", "line_plot", "redundancy_plot", "layer_similarity_plot", "histogram_plot"]
 
 
 METHOD_STYLE = {"dare": ("DARE", "tab:red", "o"), "drop_only": ("DropOnly", "tab:blue", "s"),
@@ -38,29 +23,13 @@ def method_label(kind: str) -> str:
     return METHOD_STYLE.get(kind, (kind, None, None))[0]
 
 
-def line_plot(path: str | Path, x: Sequence[float], ys: Mapping[str, Sequence[float]], xname: str = "x",
-              yname: str = "y", title: str | None = None) -> Path:
-    fig = _figure()
-    ax = fig.add_subplot(111)
-    for k, vs in ys.items():
-        ax.plot(list(x), list(vs), marker="o", ms=3, label=str(k))
-    ax.set_xlabel(xname)
-    ax.set_ylabel(yname)
-    if title:
-        ax.set_title(title)
-    if len(ys) > 1:
-        ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
 def redundancy_plot(path: str | Path, drop_rates: Sequence[float], curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
                     sft: float | None, title: str, ylabel: str) -> Path:
     """Score vs drop rate, one curve (mean ± std band) per method; SFT score as a dashed line.
 
     The x axis is categorical (0.0 … 0.9, 0.99 evenly spaced) like the paper's figures.
     """
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot(111)
     xs = np.arange(len(drop_rates))
     for kind, (mean, std) in curves.items():
@@ -78,12 +47,12 @@ def redundancy_plot(path: str | Path, drop_rates: Sequence[float], curves: Mappi
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def layer_similarity_plot(path: str | Path, layers: Sequence[int], curves: Mapping[str, Sequence[float]], title: str) -> Path:
     """Mean cosine similarity per layer, one line per (method, p)."""
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot(111)
     for label, vs in curves.items():
         ax.plot(list(layers), list(vs), marker="o", ms=3, label=label)
@@ -92,7 +61,7 @@ def layer_similarity_plot(path: str | Path, layers: Sequence[int], curves: Mappi
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def histogram_plot(path: str | Path, edges: Sequence[float], counts: Mapping[str, Sequence[float]], title: str,
@@ -103,7 +72,7 @@ def histogram_plot(path: str | Path, edges: Sequence[float], counts: Mapping[str
     log-spaced bins, where a density would inflate the narrow bins). The x range is cropped to
     the occupied bins.
     """
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot(111)
     e = np.asarray(edges, float)
     occupied = np.zeros(len(e) - 1, dtype=bool)
@@ -128,4 +97,4 @@ def histogram_plot(path: str | Path, edges: Sequence[float], counts: Mapping[str
     if len(counts) > 1:
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_png(fig, path)

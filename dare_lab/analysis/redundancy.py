@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from dare_lab.modelpool import ModelPool
+from dare_lab.engine.pool import ModelPool
 from dare_lab.ops.method import MergeMethod, Merger, Sparsifier
 
 DROP_RATES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99)

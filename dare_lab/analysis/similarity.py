@@ -135,7 +135,7 @@ def task_texts(taskpool: Any, model_name: str, n: int = 256) -> list[str]:
     elif getattr(taskpool, "texts", None):
         texts = list(taskpool.texts)
     if not texts:
-        from dare_lab.testing import CORPUS
+        from dare_lab.pools.tiny import CORPUS
 
         texts = list(CORPUS)
     return [str(x) for x in texts[:n]]

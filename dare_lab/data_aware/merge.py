@@ -26,7 +26,7 @@ import torch
 
 from dare_lab.data_aware.statistics import FISHER_ESTIMATORS, fisher_diagonal, gram_matrices
 from dare_lab.engine.scope import DEFAULT_EXCLUDE
-from dare_lab.modelpool import ModelPool
+from dare_lab.engine.pool import ModelPool
 from dare_lab.ops.data_aware import average_params, fisher_merge, regmean_merge
 from dare_lab.ops.method import MergeMethod, Merger, Sparsifier
 

@@ -1,6 +1,6 @@
 """The streamed merge: every tensor through ``MergeMethod.merge_tensor``, chunk by chunk.
 
-Merged tensors stream through :class:`dare_lab.ops.streamed.StreamedMerge`: inputs are
+Merged tensors stream through :class:`dare_lab.engine.streamed.StreamedMerge`: inputs are
 ``pread`` per chunk (nothing mapped), output chunks ``pwrite``-n in place into pre-sized shards,
 so peak memory is the interpreter plus a few chunk buffers per worker thread (TIES adds its
 tensor's output in a staging buffer, patched there once the majority sign is known, and |δ| of
@@ -28,7 +28,7 @@ from dare_lab.engine.sources import CheckpointReader, ChunkReader, StateDictSour
 from dare_lab.engine.validate import validate_output, validate_pool
 from dare_lab.engine.writer import AtomicDir, ShardedSafetensorsWriter
 from dare_lab.ops.method import MergeMethod
-from dare_lab.ops.streamed import CHUNK, NonFiniteChunk, StreamedMerge, workspace
+from dare_lab.engine.streamed import CHUNK, NonFiniteChunk, StreamedMerge, workspace
 
 _COPY_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")
 _SKIP_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "dare_lab_merge.json")
@@ -81,9 +81,9 @@ def _merge_one_reference(plan: TensorPlan, base: TensorSource, models: Mapping[s
     return merged.to(target)
 
 
-# Streamed fast path (``dare_lab.ops.streamed``); tests switch it off to compare with the reference.
+# Streamed fast path (``dare_lab.engine.streamed``); tests switch it off to compare with the reference.
 _FAST = True
-_CHUNK = None   # entries per chunk (None: dare_lab.ops.streamed.CHUNK); tests shrink it
+_CHUNK = None   # entries per chunk (None: dare_lab.engine.streamed.CHUNK); tests shrink it
 
 
 def _chunk_reader(src: TensorSource, name: str, key: str):

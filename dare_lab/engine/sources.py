@@ -14,7 +14,7 @@ import re
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -74,20 +74,38 @@ def resolve_model_dir(ref: str | os.PathLike) -> Path:
     return Path(local)
 
 
-def _read_safetensors_header(file: Path) -> dict:
-    """Parse and sanity-check a safetensors header (declared sizes must fit in the file)."""
+class HeaderError(ValueError):
+    """A safetensors header that cannot be read: ``kind`` is truncated | corrupt, ``detail`` why."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind} {detail}")
+        self.kind, self.detail = kind, detail
+
+
+def raw_safetensors_header(file: Path) -> tuple[Any, int, int]:
+    """(parsed JSON header, its length in bytes, file size); the one reader of the 8-byte length
+    and JSON header that the lazy reader and the validator share (each words its own errors)."""
     size = file.stat().st_size
     with open(file, "rb") as fh:
         raw = fh.read(8)
         if len(raw) < 8:
-            raise ValueError(f"{file}: truncated safetensors file ({size} bytes)")
+            raise HeaderError("truncated", f"({size} bytes)")
         n = int.from_bytes(raw, "little")
         if n <= 0 or 8 + n > size:
-            raise ValueError(f"{file}: corrupt safetensors header (declares {n} header bytes, file has {size})")
+            raise HeaderError("corrupt", f"(declares {n} header bytes, file has {size})")
         try:
-            header = json.loads(fh.read(n))
+            return json.loads(fh.read(n)), n, size
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{file}: corrupt safetensors header (not JSON)") from None
+            raise HeaderError("corrupt", "(not JSON)") from None
+
+
+def _read_safetensors_header(file: Path) -> dict:
+    """Parse and sanity-check a safetensors header (declared sizes must fit in the file)."""
+    try:
+        header, n, size = raw_safetensors_header(file)
+    except HeaderError as e:
+        what = {"truncated": "truncated safetensors file", "corrupt": "corrupt safetensors header"}[e.kind]
+        raise ValueError(f"{file}: {what} {e.detail}") from None
     header.pop("__metadata__", None)
     end = max((info["data_offsets"][1] for info in header.values()), default=0)
     if 8 + n + end > size:
@@ -269,7 +287,7 @@ class ChunkReader:
     def __call__(self, start: int, stop: int) -> torch.Tensor:
         if self.flat is not None:
             return self.flat[start:stop]
-        from dare_lab.ops.streamed import workspace
+        from dare_lab.engine.streamed import workspace
 
         buf = workspace(self.key, stop - start, self.dtype)
         pread_exact(self.fd, buf, self.offset + start * self.itemsize)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from dare_lab.engine.plan import PoolMismatchError, TensorPlan
-from dare_lab.engine.sources import SAFE_DTYPES, SAFE_INDEX, TensorSource
+from dare_lab.engine.sources import SAFE_DTYPES, SAFE_INDEX, HeaderError, TensorSource, raw_safetensors_header
 
 
 class CorruptCheckpointError(ValueError):
@@ -40,18 +40,11 @@ def _itemsize(code: str) -> int:
 
 def check_safetensors_file(file: Path, label: str) -> dict[str, dict]:
     """Check one safetensors file's layout from its header; returns the header (name → dtype, shape, offsets)."""
-    size = file.stat().st_size
-    with open(file, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            raise CorruptCheckpointError(f"model {label!r}: {file.name} is truncated ({size} bytes)")
-        n = int.from_bytes(raw, "little")
-        if n <= 0 or 8 + n > size:
-            raise CorruptCheckpointError(f"model {label!r}: {file.name} has a corrupt header (declares {n} header bytes, file has {size})")
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CorruptCheckpointError(f"model {label!r}: {file.name} has a corrupt header (not JSON)") from None
+    try:
+        header, n, size = raw_safetensors_header(file)
+    except HeaderError as e:
+        what = {"truncated": "is truncated", "corrupt": "has a corrupt header"}[e.kind]
+        raise CorruptCheckpointError(f"model {label!r}: {file.name} {what} {e.detail}") from None
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"model {label!r}: {file.name} has a corrupt header (not a JSON object)")
     header.pop("__metadata__", None)

@@ -122,7 +122,7 @@ class MaskStream:
 
     torch_rand: ``torch.rand`` on the CPU is serial per generator and fills elements in order,
     so consecutive draws of sizes a, b equal one draw of a + b (tested). With ``kernels``
-    (:mod:`dare_lab.ops.fused`) and a fresh CPU generator, the same uniforms come from the
+    (:mod:`dare_lab.engine.kernels`) and a fresh CPU generator, the same uniforms come from the
     compiled MT19937 seeded like torch's (several times faster; ``generator`` is then not
     advanced) — only where this torch's ``torch.rand`` is checked to draw exactly those.
     """

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from dare_lab.analysis import delta_stats as D
 from dare_lab.analysis.plots import histogram_plot
-from dare_lab.analysis.runner import TrackedRun, build_pool, build_scope, cfg_get, print_references, print_table
+from dare_lab.programs.analysis_common import TrackedRun, build_pool, build_scope, cfg_get, print_table
 
 
 def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
@@ -49,10 +49,5 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     from dare_lab.tracking import atomic_write
 
     atomic_write(tr.dir / "verdict.txt", "\n".join(verdicts) + "\n")
-    refs = print_references(cfg, {f"{r['model']} {k}": v for r in deciles for k, v in r.items() if k != "model"})
-    if refs:
-        tr.table("paper_reference", refs)
-    print(f"\nplot: {path}\nresults: {tr.dir}")
-    tr.finish(metrics)
-    metrics["results_dir"] = str(tr.dir)
-    return metrics
+    ours = {f"{r['model']} {k}": v for r in deciles for k, v in r.items() if k != "model"}
+    return tr.close(cfg, metrics, ours, f"plot: {path}\n")

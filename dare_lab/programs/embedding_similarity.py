@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from dare_lab.analysis import similarity as S
 from dare_lab.analysis.plots import histogram_plot, layer_similarity_plot, method_label
-from dare_lab.analysis.runner import (TrackedRun, build_pool, build_scope, build_taskpool, cfg_get, print_references,
+from dare_lab.programs.analysis_common import (TrackedRun, build_pool, build_scope, build_taskpool, cfg_get,
                                       print_table)
 
 
@@ -80,10 +80,4 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     md_last = tr.table("similarity_last_layer", last_rows)
     print_table("mean cosine similarity per layer (L0 = embeddings)", md)
     print_table("last-layer similarity distribution", md_last)
-    refs = print_references(cfg, ours)
-    if refs:
-        tr.table("paper_reference", refs)
-    print(f"\nresults: {tr.dir}")
-    tr.finish(metrics)
-    metrics["results_dir"] = str(tr.dir)
-    return metrics
+    return tr.close(cfg, metrics, ours)

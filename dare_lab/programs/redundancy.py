@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from dare_lab.analysis import redundancy as R
 from dare_lab.analysis.plots import redundancy_plot
-from dare_lab.analysis.runner import (TrackedRun, build_pool, build_scope, build_taskpool, cfg_get, print_references,
+from dare_lab.programs.analysis_common import (TrackedRun, build_pool, build_scope, build_taskpool, cfg_get,
                                       print_table)
 
 
@@ -52,14 +52,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None, target: str | None = None)
     metrics: dict[str, Any] = {}
     for r in summary:
         metrics[f"{r['model']}/{r['metric']}/{r['method']}/p{r['p']:g}"] = r["mean"]
-    ours = {f"{r['method']} p={r['p']:g}": r["mean"] for r in summary}
-    refs = print_references(cfg, ours)
-    if refs:
-        tr.table("paper_reference", refs)
     from dare_lab.tracking import atomic_write
 
     atomic_write(tr.dir / "findings.txt", "\n".join(lines) + "\n")
-    print(f"\nplots: {', '.join(str(p) for p in plots)}\nresults: {tr.dir}")
-    tr.finish(metrics)
-    metrics["results_dir"] = str(tr.dir)
-    return metrics
+    ours = {f"{r['method']} p={r['p']:g}": r["mean"] for r in summary}
+    return tr.close(cfg, metrics, ours, f"plots: {', '.join(str(p) for p in plots)}\n")

@@ -9,9 +9,9 @@ Metric keys are ``"<task>/<metric>"``; values are floats.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-from dare_lab.modelpool import ModelPool
+from dare_lab.engine.pool import ModelPool
 
 
 @runtime_checkable
@@ -19,3 +19,14 @@ class TaskPool(Protocol):
     def evaluate(self, model_dir: Path, pool: ModelPool) -> dict[str, float]:
         """Score the merged model in ``model_dir``; keys ``"<task>/<metric>"``."""
         ...
+
+
+def plain_config(x: Any) -> Any:
+    """An OmegaConf node as plain dicts/lists (resolved); anything else as it is."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover
+        return x
+    if isinstance(x, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(x, resolve=True)
+    return x

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dare_lab.modelpool import ModelPool
+from dare_lab.engine.pool import ModelPool
 from dare_lab.taskpool.metrics import GLUE_METRICS, check_metrics, compute_metrics
 
 HEAD_PREFIXES = ("classifier.", "score.")

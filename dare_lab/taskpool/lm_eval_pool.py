@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from dare_lab.modelpool import ModelPool
+from dare_lab.engine.pool import ModelPool
+from dare_lab.taskpool.base import plain_config
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +42,9 @@ PRESETS: dict[str, list[dict[str, Any]]] = {
 }
 
 
-def _plain(x: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(x, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(x, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return x
-
-
 def expand_tasks(tasks: Any, num_fewshot: int | None) -> list[dict[str, Any]]:
     """Names / presets / ``{task, num_fewshot}`` → list of ``{task, num_fewshot}``."""
-    tasks = _plain(tasks)
+    tasks = plain_config(tasks)
     if isinstance(tasks, (str, Mapping)):
         tasks = [tasks]
     out: list[dict[str, Any]] = []
@@ -136,20 +126,20 @@ class LMEvalTaskPool:
                  tokenizer: str | None = None, output_dir: str | None = None, seed: int = 0, num_threads: int | None = None,
                  name: str = "lm_eval") -> None:
         self.tasks = expand_tasks(tasks, num_fewshot)
-        spec = _plain(backend)
+        spec = plain_config(backend)
         spec = {"name": spec} if isinstance(spec, str) else dict(spec or {})
         self.backend_name = spec.pop("name", "hf")
         if self.backend_name not in ("hf", "vllm"):
             raise ValueError(f"unknown lm-eval backend {self.backend_name!r}; choose hf or vllm")
         self.backend_opts = spec
-        inc = _plain(include_path)
+        inc = plain_config(include_path)
         if inc is not None:
             inc = [str(p) for p in ([inc] if isinstance(inc, (str, os.PathLike)) else inc)]
             for p in inc:
                 if not Path(p).exists():
                     raise FileNotFoundError(f"lm-eval include_path {p} does not exist")
         self.opts = {"include_path": inc, "include_defaults": include_defaults, "limit": limit,
-                     "apply_chat_template": apply_chat_template, "gen_kwargs": _plain(gen_kwargs),
+                     "apply_chat_template": apply_chat_template, "gen_kwargs": plain_config(gen_kwargs),
                      "bootstrap_iters": bootstrap_iters, "seed": seed}
         self.tokenizer, self.output_dir, self.name = tokenizer, output_dir, name
         self.num_threads = num_threads  # CPU intra-op threads during evaluation (None: torch's default)

@@ -11,7 +11,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from dare_lab.tracking.base import NullTracker, Tracker
-from dare_lab.tracking.local import LocalTracker, atomic_write, read_csv, rows_to_csv, rows_to_markdown, write_summary
+from dare_lab.tracking.files import atomic_write, read_csv, rows_to_csv, rows_to_markdown, write_table
+from dare_lab.tracking.local import LocalTracker
+from dare_lab.tracking.summaries import write_summary
 from dare_lab.tracking.wandb_tracker import WandbTracker, resolve_mode
 
 _ACTIVE: list[Tracker] = []
@@ -64,4 +66,5 @@ def from_config(cfg: Any, experiment: str | None = None, run_name: str | None = 
 __all__ = [
     "Tracker", "NullTracker", "LocalTracker", "WandbTracker", "resolve_mode", "activate", "current",
     "from_config", "experiment_name", "write_summary", "atomic_write", "read_csv", "rows_to_csv", "rows_to_markdown",
+    "write_table",
 ]

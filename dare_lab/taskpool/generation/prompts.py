@@ -14,7 +14,7 @@ template all pool models share, else the task's default.
 
 from __future__ import annotations
 
-from dare_lab.modelpool import ModelPool
+from dare_lab.engine.pool import ModelPool
 
 ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes "
           "the request.\n\n### Instruction:\n{instruction}\n\n### Response:")

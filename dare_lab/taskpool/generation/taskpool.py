@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-from dare_lab.modelpool import ModelPool
-from dare_lab.sandbox import Sandbox, SandboxLimits
+from dare_lab.engine.pool import ModelPool
+from dare_lab.taskpool.base import plain_config
+from dare_lab.taskpool.generation.code.sandbox import Sandbox, SandboxLimits
 from dare_lab.taskpool.generation.alpaca_eval import build_judge
 from dare_lab.taskpool.generation.backends import make_backend
 from dare_lab.taskpool.generation.data import load_records
@@ -31,17 +32,6 @@ from dare_lab.taskpool.generation.tasks import get_task
 
 log = logging.getLogger(__name__)
 _TASK_KEYS = {"name", "source", "limit", "max_new_tokens", "prompt", "prompt_model", "stop"}
-
-
-def _plain(x: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(x, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(x, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return x
 
 
 class GenerationTaskPool:
@@ -58,7 +48,7 @@ class GenerationTaskPool:
                  prompt: str | None = None, prompt_model: str | None = None, limit: int | None = None,
                  max_new_tokens: int | None = None, output_dir: str | None = None, tokenizer: str | None = None,
                  sandbox: Mapping | None = None, judge: Any = None, name: str = "generation") -> None:
-        tasks = _plain(tasks)
+        tasks = plain_config(tasks)
         tasks = [tasks] if isinstance(tasks, (str, Mapping)) else list(tasks or [])
         if not tasks:
             raise ValueError("generation taskpool lists no tasks")
@@ -70,15 +60,15 @@ class GenerationTaskPool:
                 raise ValueError(f"generation task {spec.get('name')!r}: unknown option(s) {sorted(bad)}; allowed {sorted(_TASK_KEYS)}")
             get_task(spec.get("name", ""))  # validates the name
             self.tasks.append(spec)
-        self.backend = _plain(backend)
+        self.backend = plain_config(backend)
         self.prompt, self.prompt_model, self.limit = prompt, prompt_model, limit
         self.max_new_tokens, self.output_dir, self.tokenizer, self.name = max_new_tokens, output_dir, tokenizer, name
-        sb = dict(_plain(sandbox) or {})
+        sb = dict(plain_config(sandbox) or {})
         self.workers = sb.pop("workers", None)
         isolation = sb.pop("isolation", "auto")
         self.sandbox_limits = SandboxLimits(**sb)
         self.sandbox_isolation = isolation
-        self.judge_spec = _plain(judge)
+        self.judge_spec = plain_config(judge)
         self.last_outputs: dict[str, list[dict]] = {}
         self.timings: dict[str, float] = {}
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dare_lab.taskpool.generation import code_scoring as cs
+from dare_lab.taskpool.generation.code import scoring as cs
 from dare_lab.taskpool.generation import math_scoring as ms
 
 ALPACA_STOPS = ["\n\n### Instruction", "\n### Instruction:", "</s>"]

@@ -9,7 +9,7 @@ and raises :class:`OverrideError` with one line, e.g.::
     unknown method 'dare_tie' (method=dare_tie); choose one of: average, dare_average, ...
     unknown config key 'engine.thread'; did you mean 'engine.threads'? valid keys under 'engine': ...
     engine.threads=two: expected an integer (default 2)
-    unknown parameter 'drop_rat' of method (dare_lab.methods.build_method); did you mean 'drop_rate'? ...
+    unknown parameter 'drop_rat' of method (dare_lab.ops.presets.build_method); did you mean 'drop_rate'? ...
 
 Anything it does not recognise as an override error is left to Hydra.
 """
@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 _MAX_VARIANTS = 12
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dare_lab.modelpool import ModelPool
+from dare_lab.engine.pool import ModelPool
 
 CORPUS = [
     "the movie was great and the actors were wonderful",

@@ -4,7 +4,7 @@ chunk, the k-th value bracket scan, and the MT19937 stream behind DARE's ``torch
 Why: as a chain of torch/numpy calls, TIES on a chunk is ~60 element-wise passes over L3-sized
 buffers (~10 ns per model entry on one core); one compiled loop reads each input once. Every
 operation is the same IEEE float32 operation, in the same order, as the torch code in
-:mod:`dare_lab.ops.streamed` (numba compiles without fast-math, so nothing is reassociated or
+:mod:`dare_lab.engine.streamed` (numba compiles without fast-math, so nothing is reassociated or
 contracted into FMAs), so results are bit for bit those of the reference path
 (``tests/test_perf_equivalence.py`` runs both). Without numba (``AVAILABLE`` false) the engine
 uses the torch code.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dare_lab.modelpool import ModelPool
+from dare_lab.engine.pool import ModelPool
 from dare_lab.taskpool.generation.prompts import render
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from dare_lab.demo.assets import BBC_LABELS, TWEET_LABELS, bbc_news_rows, minilm_dir, tweet_sentiment_rows
-from dare_lab.modelpool import ModelPool
+from dare_lab.pools.assets import BBC_LABELS, TWEET_LABELS, bbc_news_rows, minilm_dir, tweet_sentiment_rows
+from dare_lab.engine.pool import ModelPool
 from dare_lab.taskpool.classification import ClassificationTaskPool, TaskSpec
 from dare_lab.train.tiny import write_csv
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dare_lab.sandbox import ExecResult, Sandbox
+from dare_lab.taskpool.generation.code.sandbox import ExecResult, Sandbox
 
 # HumanEval's usual stop sequences for models that continue the function body
 HUMANEVAL_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n```", "\nassert "]

@@ -23,7 +23,7 @@ whole-tensor code, which raises the documented error (or, for a false alarm, ret
 result), so errors and results match the reference path exactly.
 
 Where numba is installed, TIES and task arithmetic / averaging run as compiled loops
-(:mod:`dare_lab.ops.fused`) with the same bits, and TIES thresholds of large tensors come from
+(:mod:`dare_lab.engine.kernels`) with the same bits, and TIES thresholds of large tensors come from
 one sampled-bracket pass over all models (:meth:`StreamedMerge._bracketed_thresholds`).
 
 Memory per call: a handful of chunk buffers, plus |x| of one model for the whole tensor where a
@@ -54,19 +54,19 @@ BRACKET_WIDEN = 1.5            # bracket half-width in units of kth_largest's (4
 BRACKET_SHARE = 0.025          # share of entries inside such a bracket at worst (median k); capacity 6×
 MAX_COUNTED_VALUES = 8         # tie-heavy brackets: up to this many values are counted instead of gathered
 FUSED = importlib.util.find_spec("numba") is not None and not os.environ.get("DARE_LAB_NO_NUMBA")
-"""Use the compiled loops (:mod:`dare_lab.ops.fused`) where they apply; tests switch them off
+"""Use the compiled loops (:mod:`dare_lab.engine.kernels`) where they apply; tests switch them off
 to check that both paths give the same bits."""
 _KERNELS: ModuleType | bool | None = None
 
 
 def compiled_kernels() -> ModuleType | None:
-    """:mod:`dare_lab.ops.fused`, imported on first use (numba costs ~0.3 s to import, and merges
+    """:mod:`dare_lab.engine.kernels`, imported on first use (numba costs ~0.3 s to import, and merges
     without a compiled loop or DARE mask stream do not need it); None where it does not import."""
     global _KERNELS
     if _KERNELS is None:
         try:
-            from dare_lab.ops import fused
-            _KERNELS = fused if fused.AVAILABLE else False
+            from dare_lab.engine import kernels
+            _KERNELS = kernels if kernels.AVAILABLE else False
         except ImportError:
             _KERNELS = False
     return _KERNELS or None
@@ -452,7 +452,7 @@ class StreamedMerge:
 
     def _ties_fused(self, s: int, e: int, masks: list, mags: list, st: dict,
                     emit: Callable[[int, torch.Tensor], None], amb: list) -> int:
-        """One chunk of TIES through :func:`dare_lab.ops.fused.ties_chunk`; returns its sign balance."""
+        """One chunk of TIES through :func:`dare_lab.engine.kernels.ties_chunk`; returns its sign balance."""
         m, mg, K = e - s, self.mg, len(self.models)
         sp, U, raw_inputs = self.sp, self._uniforms(masks, m), not self.sparse or self.dare_in_loop
         if not raw_inputs:
@@ -497,7 +497,7 @@ class StreamedMerge:
         return tuple(masks[k].uniforms(m, workspace(f"u{k}", self.chunk, torch.float32)).numpy() for k in range(K))
 
     def _ta_fused(self, s: int, e: int, masks: list, emit: Callable[[int, torch.Tensor], None]) -> None:
-        """One chunk of task arithmetic / averaging through :func:`dare_lab.ops.fused.ta_chunk`."""
+        """One chunk of task arithmetic / averaging through :func:`dare_lab.engine.kernels.ta_chunk`."""
         m, mg, sp, K = e - s, self.mg, self.sp, len(self.models)
         base = self._kernel_input(self.read_base(s, e), "base")
         rows = self._model_rows(s, e)

@@ -10,6 +10,7 @@ Per-tensor ops live in :mod:`dare_lab.ops` (``dare``, ``drop_only``, ``magnitude
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,7 +19,10 @@ from typing import Any
 import torch
 
 from dare_lab.engine import DEFAULT_EXCLUDE, Scope, merge_models
-from dare_lab.methods import build_method
+from dare_lab.ops.presets import build_method
+
+ENGINE_KEYS = frozenset(p.name for p in inspect.signature(merge_models).parameters.values()
+                        if p.kind is p.KEYWORD_ONLY and p.name != "scope")
 
 
 def merge(
@@ -30,24 +34,18 @@ def merge(
     include: Sequence[str] = (r".*",),
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
     linear_only: bool = False,
-    dtype: str | torch.dtype = "float32",
-    out_dtype: str | torch.dtype | None = None,
-    threads: int = 2,
-    max_shard_size: int | str = "5GB",
-    vocab_policy: str = "error",
-    overwrite: bool = False,
-    progress: bool = False,
-    **method_kwargs: Any,
+    **kwargs: Any,
 ) -> Path | dict[str, torch.Tensor]:
     """Merge fine-tuned ``models`` (name → HF id or directory) into ``base``.
 
-    ``method`` is a preset name (see :data:`dare_lab.methods.PRESETS`); ``method_kwargs``
-    are its knobs (``drop_rate``, ``scaling``, ``retain_ratio``, ``merge_func``, ``seed`` …,
-    documented in :mod:`dare_lab.methods`). Returns the output directory, or the merged
-    state dict when ``out_dir`` is None.
+    ``method`` is a preset name (see :data:`dare_lab.ops.presets.PRESETS`). ``kwargs`` are the
+    engine's settings, with :func:`dare_lab.engine.merge_models`' defaults (``dtype``,
+    ``out_dtype``, ``threads``, ``max_shard_size``, ``vocab_policy``, ``overwrite``,
+    ``progress``), and the method's knobs (``drop_rate``, ``scaling``, ``retain_ratio``,
+    ``merge_func``, ``seed`` …, documented in :mod:`dare_lab.ops.presets`). Returns the output
+    directory, or the merged state dict when ``out_dir`` is None.
     """
-    built = build_method(name=method, **method_kwargs)
+    engine = {k: kwargs.pop(k) for k in list(kwargs) if k in ENGINE_KEYS}
+    built = build_method(name=method, **kwargs)
     scope = Scope(include=tuple(include), exclude=tuple(exclude), linear_only=linear_only)
-    return merge_models(base, dict(models), built, out_dir, scope=scope, dtype=dtype, out_dtype=out_dtype,
-                        threads=threads, max_shard_size=max_shard_size, vocab_policy=vocab_policy,
-                        overwrite=overwrite, progress=progress)
+    return merge_models(base, dict(models), built, out_dir, scope=scope, **engine)

@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ISOLATIONS = ("auto", "namespace", "rlimit")
-_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_PROJECT_ROOT = Path(__file__).resolve().parents[4]  # dare_lab/taskpool/generation/code/ -> the checkout
 _UID_BASE = 61000
 _uid_counter = itertools.count((os.getpid() * 97) % 4000)  # evaluators in parallel rarely share uids
 _uid_lock = threading.Lock()

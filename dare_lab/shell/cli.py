@@ -5,7 +5,7 @@ Every run writes its resolved ``config.yaml`` (secrets redacted), ``metrics.json
 an override with a wrong name or type, checked before any job starts — ends the run with one
 line on stderr, exit status 2, and no run directory left behind.
 
-Sweeps resume: a job whose run identity (see :mod:`dare_lab.run_identity`) already has a
+Sweeps resume: a job whose run identity (see :mod:`dare_lab.shell.run_identity`) already has a
 complete entry in ``resume.registry`` is skipped and its recorded results are reused;
 ``resume.force=true`` reruns it anyway.
 """
@@ -24,10 +24,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from dare_lab.results import write_atomic, write_json
-from dare_lab.run_identity import config_container, load_complete, record_complete, redact, redact_text, run_id
+from dare_lab.tracking.files import atomic_write, write_json
+from dare_lab.shell.run_identity import config_container, load_complete, record_complete, redact, redact_text, run_id
 
-CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")  # dare_lab/configs -> ../configs
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")  # dare_lab/configs -> ../configs
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, TypeError, KeyError)
 
 
@@ -67,11 +67,11 @@ def _redact_yaml_file(path: Path) -> None:
         text = path.read_text()
         masked = redact_text(text)
         if masked != text:
-            write_atomic(path, masked)
+            atomic_write(path, masked)
         return
     clean = redact(data)
     if clean != data:
-        write_atomic(path, OmegaConf.to_yaml(OmegaConf.create(clean)))
+        atomic_write(path, OmegaConf.to_yaml(OmegaConf.create(clean)))
 
 
 def redact_hydra_files(run_dir: Path, hc: Any) -> None:
@@ -129,7 +129,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         done = load_complete(registry, rid)
         if done is not None:
             source = done["run"].get("run_dir")
-            write_atomic(run_dir / "config.yaml", config_yaml)
+            atomic_write(run_dir / "config.yaml", config_yaml)
             write_json(run_dir / "metrics.json", done["metrics"])
             write_json(run_dir / "run.json", {"run_id": rid, "status": "complete", "reused_from": source})
             _print_metrics(done["metrics"])
@@ -139,7 +139,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     if enabled:  # a rerun in a resumed sweep's job directory: drop the killed attempt's files
         clear_leftovers(run_dir, cfg)
     try:
-        from dare_lab.config_check import check_targets
+        from dare_lab.shell.config_check import check_targets
 
         check_targets(cfg)
         program = load_program(cfg.program)
@@ -151,7 +151,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         shutil.rmtree(run_dir, ignore_errors=True)
         print(f"dare-lab: error: {redact_text(one_line(err))}", file=sys.stderr)
         sys.exit(2)
-    write_atomic(run_dir / "config.yaml", config_yaml)
+    atomic_write(run_dir / "config.yaml", config_yaml)
     write_json(run_dir / "metrics.json", metrics)
     write_json(run_dir / "run.json", {"run_id": rid, "status": "complete"})
     if enabled:  # the last step: from now on a relaunch skips this run
@@ -174,7 +174,7 @@ def precheck(argv: list[str]) -> str | None:
     """The one-line error of a bad override in ``argv`` (None: nothing found, or not checkable)."""
     from hydra._internal.utils import get_args_parser
 
-    from dare_lab.config_check import OverrideError, check_overrides
+    from dare_lab.shell.config_check import OverrideError, check_overrides
 
     try:
         args = get_args_parser().parse_args(argv)

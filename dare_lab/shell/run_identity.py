@@ -169,7 +169,7 @@ def load_complete(registry: str | os.PathLike, rid: str) -> dict | None:
 def record_complete(registry: str | os.PathLike, rid: str, config_yaml: str, metrics: Mapping[str, Any],
                     run_dir: str | os.PathLike) -> Path:
     """Write the registry entry of a finished run atomically (temporary sibling, then rename)."""
-    from dare_lab.results import json_text
+    from dare_lab.tracking.files import json_text
 
     entry = registry_entry(registry, rid)
     entry.parent.mkdir(parents=True, exist_ok=True)

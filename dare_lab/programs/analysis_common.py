@@ -82,9 +82,21 @@ class TrackedRun:
             t.log_image(name, path)
 
     def plot_path(self, name: str) -> Path:
-        from dare_lab.tracking.local import safe_name
+        from dare_lab.tracking.files import safe_name
 
         return self.dir / "plots" / f"{safe_name(name)}.png"
+
+    def close(self, cfg: DictConfig, metrics: dict[str, Any], ours: Mapping[str, Any], shown: str = "") -> dict[str, Any]:
+        """The end every analysis program shares: the paper's numbers beside ``ours`` (printed and
+        logged as ``paper_reference``), where the outputs went, the trackers finished; returns
+        ``metrics`` with ``results_dir``."""
+        refs = print_references(cfg, ours)
+        if refs:
+            self.table("paper_reference", refs)
+        print(f"\n{shown}results: {self.dir}")
+        self.finish(metrics)
+        metrics["results_dir"] = str(self.dir)
+        return metrics
 
     def finish(self, metrics: Mapping[str, Any]) -> None:
         nums = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

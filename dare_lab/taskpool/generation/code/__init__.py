@@ -1,0 +1,1 @@
+"""Code scoring (HumanEval, MBPP): programs built from completions, run in the sandbox, pass@k."""

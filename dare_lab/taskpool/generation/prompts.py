@@ -3,13 +3,17 @@
 * ``alpaca``: the Alpaca instruction template (WizardLM, WizardMath, llama-2-13b-code-alpaca
   as evaluated by the paper's code base);
 * ``alpaca_cot``: WizardMath's variant ending in "Let's think step by step." (GSM8K, MATH);
+* ``alpaca_code``: the code prompt of the paper's code base (two blank lines after the first
+  sentence, "Create a Python script for this problem:" before the instruction);
 * ``vicuna``: the USER/ASSISTANT format of WizardLM-13B-V1.2;
 * ``chat``: the tokenizer's own chat template (error when it has none);
 * ``raw``: the instruction as is (base models, HumanEval body completion).
 
 A model pool selects one per model with ``prompts: {model_name: template}``; a generation
 taskpool uses its ``prompt`` option, else the template of its ``prompt_model``, else the one
-template all pool models share, else the task's default.
+template all pool models share, else the task's default. That choice applies under the
+``lenient`` protocol only: under ``paper`` (the default) every task uses the prompt the paper's
+code gives it whatever the model (see ``tasks.py`` and docs/decoder.md).
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ ALPACA = ("Below is an instruction that describes a task. Write a response that 
 TEMPLATES: dict[str, str | None] = {
     "alpaca": ALPACA,
     "alpaca_cot": ALPACA + " Let's think step by step.",
+    "alpaca_code": ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                    "the request.\n\n\n### Instruction:\nCreate a Python script for this problem:\n{instruction}\n\n"
+                    "### Response:"),
     "vicuna": ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
                "helpful, detailed, and polite answers to the user's questions. USER: {instruction} ASSISTANT:"),
     "raw": "{instruction}",

@@ -4,8 +4,14 @@ Built by Hydra from ``configs/taskpool/{gsm8k,gsm_symbolic,math,humaneval,mbpp,a
 ``evaluate(model, pool)`` accepts the engine's output directory (or a hub id) or an
 in-memory ``PreTrainedModel`` (HF backend only; the tokenizer then comes from ``tokenizer``
 or the pool's base model). One backend (one vLLM worker process) serves all tasks of one
-evaluated model and is closed afterwards. Metrics: ``"<task>/accuracy"``,
+evaluated model and is closed afterwards. Metrics: ``"<task>/accuracy"`` (the configured
+``protocol``), ``"<task>/accuracy_lenient"`` (GSM8K/MATH with ``report_lenient: true``),
 ``"<task>/pass@1"``, ``"alpacaeval/win_rate"`` (when judged), ``"<task>/n"``.
+
+``protocol`` (taskpool-wide, or per task): ``paper`` (default) is the DARE paper's official
+scoring (MergeLM): its prompt for every model, its stop strings and budgets, its answer
+extraction and code post-processing; ``lenient`` uses the model's template and the lenient
+scorers (math-verify). See docs/decoder.md.
 With ``output_dir`` each task's generations go to ``<task>.jsonl`` and the metrics to
 ``metrics.json``.
 """
@@ -27,19 +33,23 @@ from dare_lab.taskpool.generation.code.sandbox import Sandbox, SandboxLimits
 from dare_lab.taskpool.generation.alpaca_eval import build_judge
 from dare_lab.taskpool.generation.backends import make_backend
 from dare_lab.taskpool.generation.data import load_records
-from dare_lab.taskpool.generation.prompts import render, resolve_template
-from dare_lab.taskpool.generation.tasks import get_task
+from dare_lab.taskpool.generation.prompts import resolve_template
+from dare_lab.taskpool.generation.tasks import check_protocol, get_task
 
 log = logging.getLogger(__name__)
-_TASK_KEYS = {"name", "source", "limit", "max_new_tokens", "prompt", "prompt_model", "stop"}
+_TASK_KEYS = {"name", "source", "limit", "max_new_tokens", "prompt", "prompt_model", "stop", "protocol", "report_lenient"}
 
 
 class GenerationTaskPool:
-    """``tasks``: names or ``{name, source, limit, max_new_tokens, prompt, prompt_model, stop}``.
+    """``tasks``: names or ``{name, source, limit, max_new_tokens, prompt, prompt_model, stop, protocol,
+    report_lenient}``.
 
     ``backend``: ``"hf"`` / ``"vllm"`` or ``{name, **options}`` (HF: batch_size, dtype, device,
     max_input_tokens; vLLM: tensor_parallel_size, dtype, gpu_memory_utilization, max_model_len).
-    ``prompt`` / ``prompt_model``: template for every task (see ``prompts.resolve_template``).
+    ``protocol``: ``paper`` (default) or ``lenient`` for every task (a task's own ``protocol`` wins).
+    ``report_lenient``: also report ``<task>/accuracy_lenient`` (math-verify) for GSM8K/MATH.
+    ``prompt`` / ``prompt_model``: template for every task under ``lenient`` (see
+    ``prompts.resolve_template``); under ``paper`` each task uses the paper's prompt.
     ``limit``: first n records of every task; ``max_new_tokens``: override every task's budget.
     ``sandbox``: SandboxLimits fields plus ``isolation`` and ``workers``; ``judge``: AlpacaEval judge.
     """
@@ -47,7 +57,10 @@ class GenerationTaskPool:
     def __init__(self, tasks: Sequence[str | Mapping] | str, backend: str | Mapping | None = "hf", *,
                  prompt: str | None = None, prompt_model: str | None = None, limit: int | None = None,
                  max_new_tokens: int | None = None, output_dir: str | None = None, tokenizer: str | None = None,
-                 sandbox: Mapping | None = None, judge: Any = None, name: str = "generation") -> None:
+                 sandbox: Mapping | None = None, judge: Any = None, name: str = "generation",
+                 protocol: str = "paper", report_lenient: bool = False) -> None:
+        self.protocol = check_protocol(protocol)
+        self.report_lenient = bool(report_lenient)
         tasks = plain_config(tasks)
         tasks = [tasks] if isinstance(tasks, (str, Mapping)) else list(tasks or [])
         if not tasks:
@@ -58,7 +71,7 @@ class GenerationTaskPool:
             bad = set(spec) - _TASK_KEYS
             if bad:
                 raise ValueError(f"generation task {spec.get('name')!r}: unknown option(s) {sorted(bad)}; allowed {sorted(_TASK_KEYS)}")
-            get_task(spec.get("name", ""))  # validates the name
+            get_task(spec.get("name", ""), check_protocol(spec.get("protocol", protocol)))  # validates name and protocol
             self.tasks.append(spec)
         self.backend = plain_config(backend)
         self.prompt, self.prompt_model, self.limit = prompt, prompt_model, limit
@@ -90,25 +103,32 @@ class GenerationTaskPool:
         backend = make_backend(self.backend, model_dir, tokenizer)
         try:
             for spec in self.tasks:
-                task = get_task(spec["name"])
+                task = get_task(spec["name"], spec.get("protocol", self.protocol))
                 name = task.name
-                template = resolve_template(pool, spec.get("prompt", self.prompt), spec.get("prompt_model", self.prompt_model),
-                                            task.template)
+                if task.protocol == "paper":
+                    template = task.paper_template
+                    if spec.get("prompt", self.prompt):
+                        log.info("%s: protocol paper uses the paper's prompt (%s); the prompt option applies under "
+                                 "protocol lenient", name, template)
+                else:
+                    template = resolve_template(pool, spec.get("prompt", self.prompt),
+                                                spec.get("prompt_model", self.prompt_model), task.template)
                 records = load_records(spec.get("source", task.source), spec.get("limit", self.limit))
                 tok = getattr(backend, "tokenizer", None)
                 if template == "chat" and tok is None:
                     from transformers import AutoTokenizer
 
                     tok = AutoTokenizer.from_pretrained(model_dir)
-                prompts = [render(template, task.instruction(r, template), tok) for r in records]
+                prompts = [task.prompt(r, template, tok) for r in records]
                 budget = int(spec.get("max_new_tokens") or self.max_new_tokens or task.max_new_tokens)
-                stops = list(spec.get("stop") or task.stops(template))
+                stops = list(spec["stop"] if spec.get("stop") is not None else task.stops(template))
                 t0 = time.perf_counter()
                 outputs = backend.generate(prompts, budget, stops)
                 gen_s = time.perf_counter() - t0
                 self.timings[name] = gen_s
                 ctx: dict[str, Any] = {"output_dir": out_dir, "generator": Path(model_dir).name if not in_memory else "in_memory",
-                                       "workers": self.workers}
+                                       "workers": self.workers,
+                                       "report_lenient": bool(spec.get("report_lenient", self.report_lenient))}
                 if name in ("humaneval", "mbpp"):
                     sandbox = sandbox or Sandbox(self.sandbox_limits, self.sandbox_isolation)
                     ctx["sandbox"] = sandbox
@@ -122,8 +142,8 @@ class GenerationTaskPool:
                 metrics[f"{name}/n"] = float(len(records))
                 rows = [{"prompt": p, "output": o, **d} for p, o, d in zip(prompts, outputs, details)]
                 self.last_outputs[name] = rows
-                log.info("%s: %s (%d records, template %s, %.1fs generation)", name,
-                         {k: v for k, v in task_metrics.items()}, len(records), template, gen_s)
+                log.info("%s: %s (%d records, protocol %s, template %s, %.1fs generation)", name,
+                         {k: v for k, v in task_metrics.items()}, len(records), task.protocol, template, gen_s)
                 if out_dir:
                     with open(out_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
                         for row in rows:

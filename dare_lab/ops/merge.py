@@ -90,14 +90,19 @@ def ties_disjoint_merge(trimmed: Sequence[torch.Tensor], sign: torch.Tensor, mer
     return acc
 
 
-def ties(base: torch.Tensor, deltas: Sequence[torch.Tensor], retain_ratio: float = 0.2, scaling: float = 1.0,
-         merge_func: str = "mean", weights: Sequence[float] | None = None, weighted_election: bool = False) -> torch.Tensor:
+def ties(base: torch.Tensor, deltas: Sequence[torch.Tensor], retain_ratio: float | Sequence[float] = 0.2,
+         scaling: float = 1.0, merge_func: str = "mean", weights: Sequence[float] | None = None,
+         weighted_election: bool = False) -> torch.Tensor:
     """TIES-merging (Yadav et al. 2023), per tensor: trim → elect sign → disjoint merge.
 
-    θ = θ_PRE + λ · disjoint_merge(trim_k(δ_k)). Per-model weights scale the merged entries
-    but do not change the sign election unless ``weighted_election`` is set.
+    θ = θ_PRE + λ · disjoint_merge(trim_{k_k}(δ_k)). ``retain_ratio`` is one k for every model
+    or one per model. Per-model weights scale the merged entries but do not change the sign
+    election unless ``weighted_election`` is set.
     """
-    trimmed = [ties_trim(d, retain_ratio) for d in deltas]
+    ratios = [retain_ratio] * len(deltas) if isinstance(retain_ratio, (int, float)) else list(retain_ratio)
+    if len(ratios) != len(deltas):
+        raise ValueError(f"got {len(ratios)} TIES retain ratios for {len(deltas)} models")
+    trimmed = [ties_trim(d, float(r)) for d, r in zip(deltas, ratios)]
     ws = _weights(len(deltas), weights)
     electors = [t * w for w, t in zip(ws, trimmed)] if weighted_election else trimmed
     sign = ties_elect(electors)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -109,6 +109,7 @@ class MergeMethod:
     sparsifier: Sparsifier = field(default_factory=Sparsifier)
     merger: Merger = field(default_factory=Merger)
     seed: int = 0
+    streamable: ClassVar[bool] = True   # one set of knobs for every tensor: the engine may stream it in chunks
 
     def merge_tensor(self, tensor_name: str, base: torch.Tensor, finetuned: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Merge one tensor: ``finetuned`` maps model name → θ_k (same dtype/shape as ``base``)."""

@@ -112,7 +112,7 @@ def _merge_one(plan: TensorPlan, base: TensorSource, models: Mapping[str, Tensor
     chunk, output chunks ``pwrite``-n in place); a NaN/Inf anywhere sends the tensor back through
     :func:`_merge_one_reference`, which raises the documented error.
     """
-    if not (_FAST and plan.merge):
+    if not (_FAST and plan.merge and getattr(method, "streamable", True)):  # per-model/tensor knobs: reference path
         t = _merge_one_reference(plan, base, models, method, dtype, out_dtype)
         if writer is None:
             return t
@@ -281,6 +281,8 @@ def merge_models(
     check_architectures(base_src, srcs)
     plans = plan_merge(base_src, srcs, scope, vocab_policy)
     validate_pool(base_src, srcs, plans)  # file layouts and dtypes, before any heavy work
+    if hasattr(method, "check_models"):
+        method.check_models(list(srcs))
     started = time.perf_counter()
     bar = None
     if progress:

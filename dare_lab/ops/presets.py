@@ -9,13 +9,15 @@ Each knob, with its formula (δ_k = θ_k − θ_PRE, computed in float32):
 - ``merger``: average (θ_PRE + mean_k δ̂_k) | task_arithmetic (θ_PRE + λ Σ_k w_k δ̂_k)
   | ties (θ_PRE + λ · disjoint mean of the sign-agreeing, top-``retain_ratio`` entries).
 - ``scaling``: λ. ``retain_ratio``: TIES' k, the kept fraction of each tensor's |δ|.
+- ``overrides``: per-model / per-tensor-pattern values of ``drop_rate``, ``weight``,
+  ``retain_ratio`` and ``scaling`` (:mod:`dare_lab.ops.overrides`; later entries win).
 - ``weights``: optional per-model w_k (task arithmetic and TIES; never changes TIES' sign
   election unless ``weighted_election``). ``seed``: seeds every per-tensor mask.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dare_lab.ops.method import MergeMethod, Merger, Sparsifier
@@ -46,6 +48,7 @@ def build_method(
     weights: Sequence[float] | None = None,
     weighted_election: bool = False,
     seed: int = 0,
+    overrides: Sequence[Mapping[str, Any]] | None = None,
 ) -> MergeMethod:
     """Build a :class:`MergeMethod` from a preset name plus plain overrides.
 
@@ -66,4 +69,8 @@ def build_method(
     mg = Merger(kind=merger, scaling=float(scaling), retain_ratio=float(retain_ratio), merge_func=merge_func,
                 weights=tuple(float(w) for w in weights) if weights is not None else None,
                 weighted_election=bool(weighted_election))
+    if overrides:  # per-model / per-tensor knob values (dare_lab.ops.overrides)
+        from dare_lab.ops.overrides import OverriddenMethod, parse_overrides
+
+        return OverriddenMethod(name=name, sparsifier=sp, merger=mg, seed=int(seed), overrides=parse_overrides(overrides))
     return MergeMethod(name=name, sparsifier=sp, merger=mg, seed=int(seed))

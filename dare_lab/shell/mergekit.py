@@ -213,6 +213,8 @@ def load(path: str | Path, seed: int = 0) -> MergekitConfig:
         kwargs["retain_ratio"] = plain[0] if plain else 1.0
         for n in names:
             overrides += _overrides(f"{n}.density", dens[n], "retain_ratio", [n])
+        notes.append("ties trim: mergekit keeps floor(density·n) entries of each tensor, dare_lab ⌈density·n⌉ "
+                     "(the same wherever density·n is whole)")
     kwargs["overrides"] = overrides or None
     method = build_method(name=f"mergekit_{kind}", **kwargs)
     return MergekitConfig(base=str(base), models=models, method=method,

@@ -44,7 +44,8 @@ def _hub_offline() -> bool:
         os.environ.get("TRANSFORMERS_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.\-]*/)?[A-Za-z0-9][\w.\-]*(?:@[\w.\-/]+)?$")
+"""``name``, ``org/name``, either with ``@revision`` (a branch, tag or commit)."""
 
 
 def resolve_model_dir(ref: str | os.PathLike) -> Path:
@@ -62,15 +63,18 @@ def resolve_model_dir(ref: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"model path does not exist: {text}")
     from huggingface_hub import snapshot_download
 
+    repo, _, revision = text.partition("@")
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
     try:
-        local = snapshot_download(text, allow_patterns=patterns, local_files_only=_hub_offline())
+        local = snapshot_download(repo, revision=revision or None, allow_patterns=patterns,
+                                  local_files_only=_hub_offline())
     except Exception as exc:  # noqa: BLE001 - hub errors come in many types
         why = "offline (HF_HUB_OFFLINE=1) and not in the local cache" if _hub_offline() else type(exc).__name__
         raise FileNotFoundError(f"model {text!r} is not a local directory and cannot be fetched from the hub: {why}") from None
     if not any(Path(local).glob("*.safetensors")):
         patterns = ["*.json", "*.bin", "*.model", "*.txt", "tokenizer*"]
-        local = snapshot_download(text, allow_patterns=patterns, local_files_only=_hub_offline())
+        local = snapshot_download(repo, revision=revision or None, allow_patterns=patterns,
+                                  local_files_only=_hub_offline())
     return Path(local)
 
 

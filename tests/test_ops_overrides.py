@@ -82,3 +82,8 @@ def test_overrides_that_cannot_apply_are_refused():
         _method(sparsifier="none", p=0.0, overrides=[{"drop_rate": 0.5}])
     with pytest.raises(ValueError, match=r"names models \['d'\] that are not in the pool \['a', 'b', 'c'\]"):
         _method(overrides=[{"models": ["d"], "weight": 2.0}]).check_models(["a", "b", "c"])
+
+
+def test_descriptions_state_the_rescale_that_is_applied():
+    sp = lambda kind, **kw: MergeMethod(sparsifier=Sparsifier(kind, 0.9, **kw)).describe()["sparsifier"]["rescale"]  # noqa: E731
+    assert [sp("dare"), sp("drop_only"), sp("magnitude"), sp("magnitude", rescale=True)] == [True, False, False, True]

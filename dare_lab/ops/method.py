@@ -126,4 +126,6 @@ class MergeMethod:
         """Plain dict of every knob (for model cards and metadata)."""
         from dataclasses import asdict
 
-        return {"name": self.name, "seed": self.seed, "sparsifier": asdict(self.sparsifier), "merger": asdict(self.merger)}
+        sp = asdict(self.sparsifier)
+        sp["rescale"] = self.sparsifier.rescales   # what is applied (DARE always rescales), not the MP-only flag
+        return {"name": self.name, "seed": self.seed, "sparsifier": sp, "merger": asdict(self.merger)}

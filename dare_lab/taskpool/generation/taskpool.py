@@ -71,7 +71,7 @@ class GenerationTaskPool:
             bad = set(spec) - _TASK_KEYS
             if bad:
                 raise ValueError(f"generation task {spec.get('name')!r}: unknown option(s) {sorted(bad)}; allowed {sorted(_TASK_KEYS)}")
-            get_task(spec.get("name", ""), check_protocol(spec.get("protocol", protocol)))  # validates name and protocol
+            get_task(spec.get("name", ""), check_protocol(spec.get("protocol") or self.protocol))  # validates name and protocol
             self.tasks.append(spec)
         self.backend = plain_config(backend)
         self.prompt, self.prompt_model, self.limit = prompt, prompt_model, limit
@@ -103,13 +103,13 @@ class GenerationTaskPool:
         backend = make_backend(self.backend, model_dir, tokenizer)
         try:
             for spec in self.tasks:
-                task = get_task(spec["name"], spec.get("protocol", self.protocol))
+                task = get_task(spec["name"], spec.get("protocol") or self.protocol)
                 name = task.name
                 if task.protocol == "paper":
                     template = task.paper_template
                     if spec.get("prompt", self.prompt):
-                        log.info("%s: protocol paper uses the paper's prompt (%s); the prompt option applies under "
-                                 "protocol lenient", name, template)
+                        log.warning("%s: protocol paper uses the paper's prompt (%s), not prompt=%r; set protocol: "
+                                    "lenient to choose the template", name, template, spec.get("prompt", self.prompt))
                 else:
                     template = resolve_template(pool, spec.get("prompt", self.prompt),
                                                 spec.get("prompt_model", self.prompt_model), task.template)

@@ -118,8 +118,13 @@ def test_gram_matrices_equal_direct_computation_and_ignore_padding(tiny):
             want_q += h0.T @ h0
             cls = out.hidden_states[-1][0, :1]  # the pooler sees the [CLS] state only
             want_p += cls.T @ cls
-    torch.testing.assert_close(grams["bert.encoder.layer.0.attention.self.query.weight"], want_q / n, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(grams["bert.pooler.dense.weight"], want_p / n, rtol=1e-4, atol=1e-4)
+    assert all(g.dtype == torch.float64 for g in grams.values())  # accumulated in float64 for the solve
+    torch.testing.assert_close(grams["bert.encoder.layer.0.attention.self.query.weight"], want_q / n, rtol=1e-4, atol=1e-4,
+                               check_dtype=False)
+    torch.testing.assert_close(grams["bert.pooler.dense.weight"], want_p / n, rtol=1e-4, atol=1e-4, check_dtype=False)
+    # normalize="sum": the RegMean paper's unnormalised Σ XᵀX
+    summed = gram_matrices(model, tok, ex, num_examples=n, max_length=16, batch_size=4, normalize="sum")
+    torch.testing.assert_close(summed["bert.pooler.dense.weight"], want_p, rtol=1e-4, atol=1e-4, check_dtype=False)
     one = gram_matrices(model, tok, ex, num_examples=n, max_length=16, batch_size=1)
     for k in grams:
         torch.testing.assert_close(grams[k], one[k], rtol=1e-4, atol=1e-4)

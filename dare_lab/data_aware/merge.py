@@ -9,39 +9,75 @@ For each fine-tuned model k, one at a time:
 then the formulas of :mod:`dare_lab.ops.data_aware` combine the models tensor by tensor.
 The merged model keeps the base's task head (each task is evaluated with its own head).
 
+Before any statistic is computed the task ↔ model mapping is checked (one task per pool model:
+two tasks naming one model, a task naming a model the pool lacks, a pool model without a task,
+or a task without data are one-line errors) and every task's data is loaded. The statistics
+and solves run at ``threads`` torch threads (default 1) whatever the caller's setting, so the
+reduction order — hence the result, bit for bit — does not depend on the thread count.
+``report`` (after a merge) holds the N used per model, each RegMean layer's rank and the Fisher
+entries zeroed as round-off; ``merge`` writes it to ``dare_lab_merge.json``.
+
 Built from ``configs/method/{fisher,regmean,dare_fisher,dare_regmean}.yaml``; the merge
 program calls ``merge(pool, out_dir, **engine_kwargs)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dare_lab.data_aware.statistics import FISHER_ESTIMATORS, fisher_diagonal, gram_matrices
+from dare_lab.data_aware.statistics import (
+    FISHER_ESTIMATORS,
+    GRAM_NORMALIZE,
+    SHORT_DATA,
+    examples_used,
+    fisher_diagonal,
+    gram_matrices,
+)
 from dare_lab.engine.scope import DEFAULT_EXCLUDE
 from dare_lab.engine.pool import ModelPool
-from dare_lab.ops.data_aware import average_params, fisher_merge, regmean_merge
+from dare_lab.ops.data_aware import average_params, fisher_merge, regmean_merge_rank, zero_fisher_floor
 from dare_lab.ops.method import MergeMethod, Merger, Sparsifier
 
 KINDS = ("fisher", "regmean")
+COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _WEIGHT_FILES = re.compile(r"(\.safetensors|\.bin|\.safetensors\.index\.json|\.bin\.index\.json|\.pt|\.pth)$")
+
+
+@contextlib.contextmanager
+def fixed_threads(n: int) -> Iterator[None]:
+    """Run the block at ``n`` torch intra-op threads, then restore the caller's setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class DataAwareMerge:
     """Fisher merging (``kind="fisher"``) or RegMean (``kind="regmean"``), optionally after DARE.
 
     fisher:  θ* = Σ_k λ_k (F_k + ε) θ_k / Σ_k λ_k (F_k + ε); ``scaling`` = λ (one value or one
-             per model, pool order); ``normalize_fisher`` divides each F_k by its global L2 norm.
-    regmean: W* = (Σ_k W_k G̃_k)(Σ_k G̃_k)⁻¹ for linear weights, G̃ = diag G + α·offdiag G;
-             every other parameter is averaged.
+             per model, pool order); ``normalize_fisher`` divides each F_k by its global L2 norm;
+             entries F_k ≤ ``zero_fisher_rtol`` · max F_k are round-off of zero gradients and set
+             to 0 (ε = 0: entries zero in every model take the λ-weighted mean).
+    regmean: W* = (Σ_k W_k G̃_k)(Σ_k G̃_k)⁺ for linear weights, G̃ = diag G + α·offdiag G,
+             G_k = Σ XᵀX (``normalize="sum"``, the paper's) or Σ XᵀX / N_k (``"mean"``);
+             eigenvalues ≤ ``rcond`` · max count as zero (null: n·eps_float64); every other
+             parameter is averaged.
     drop_rate: DARE p applied to each model's delta first (0: plain Fisher/RegMean).
+    on_short_data: a task with fewer than ``num_examples`` examples: ``warn`` (use them all) or ``error``.
+    threads: torch threads for the statistics and solves (fixed, so results do not depend on the caller's).
+    compute_dtype: dtype of the statistics' forward/backward passes (float32; float64 ≈ 2× the time,
+             for layers so ill-conditioned that float32 activations limit W, e.g. a pooler at α = 1).
     """
 
     def __init__(self, kind: str, tasks: Sequence[Any] | Mapping[str, Any] | None = None, name: str | None = None,
@@ -49,7 +85,9 @@ class DataAwareMerge:
                  min_fisher: float = 1e-6, normalize_fisher: bool = False, estimator: str = "exact",
                  drop_rate: float = 0.0, seed: int = 0, split: str = "train", batch_size: int = 16,
                  max_length: int | None = None, device: str = "cpu", exclude: Sequence[str] = DEFAULT_EXCLUDE,
-                 progress: bool = False):
+                 progress: bool = False, normalize: str = "sum", on_short_data: str = "warn",
+                 zero_fisher_rtol: float = 1e-16, rcond: float | None = None, threads: int = 1,
+                 compute_dtype: str = "float32"):
         if kind not in KINDS:
             raise ValueError(f"unknown data-aware merge {kind!r}; choose one of {KINDS}")
         if int(num_examples) < 1:
@@ -58,6 +96,18 @@ class DataAwareMerge:
             raise ValueError(f"RegMean alpha={alpha} is outside [0, 1]")
         if estimator not in FISHER_ESTIMATORS:
             raise ValueError(f"unknown Fisher estimator {estimator!r}; choose one of {FISHER_ESTIMATORS}")
+        if normalize not in GRAM_NORMALIZE:
+            raise ValueError(f"unknown RegMean normalize={normalize!r}; choose one of {GRAM_NORMALIZE}")
+        if on_short_data not in SHORT_DATA:
+            raise ValueError(f"unknown on_short_data={on_short_data!r}; choose one of {SHORT_DATA}")
+        if not float(zero_fisher_rtol) >= 0:
+            raise ValueError(f"zero_fisher_rtol must be >= 0, got {zero_fisher_rtol}")
+        if rcond is not None and not float(rcond) >= 0:
+            raise ValueError(f"rcond must be >= 0 or null, got {rcond}")
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"unknown compute_dtype={compute_dtype!r}; choose one of {sorted(COMPUTE_DTYPES)}")
+        if int(threads) < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
         self.kind = kind
         self.name = name or (f"dare_{kind}" if drop_rate else kind)
         self.sparsifier = Sparsifier("dare", float(drop_rate)) if drop_rate else Sparsifier()
@@ -76,6 +126,13 @@ class DataAwareMerge:
         self.device = device
         self.exclude = tuple(exclude)
         self.progress = progress
+        self.normalize = normalize
+        self.on_short_data = on_short_data
+        self.zero_fisher_rtol = float(zero_fisher_rtol)
+        self.rcond = None if rcond is None else float(rcond)
+        self.threads = int(threads)
+        self.compute_dtype = compute_dtype
+        self.report: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ pieces
     def is_head(self, name: str) -> bool:
@@ -111,6 +168,10 @@ class DataAwareMerge:
         if missing:
             raise ValueError(f"{self.name}: no statistics for model {missing[0]!r}")
         stats = dict(stats)
+        report = {"ranks": {}, "fisher_zeroed": {}}
+        if self.kind == "fisher":
+            for m in names:
+                stats[m], report["fisher_zeroed"][m] = zero_fisher_floor(stats[m], self.zero_fisher_rtol)
         if self.kind == "fisher" and self.normalize_fisher:
             for m in names:
                 norm = torch.sqrt(sum(f.double().pow(2).sum() for f in stats[m].values())).float()
@@ -131,10 +192,23 @@ class DataAwareMerge:
             if self.kind == "fisher" and all(k in stats[m] for m in names):
                 merged = fisher_merge(thetas, [stats[m][k] for m in names], lam, self.min_fisher)
             elif self.kind == "regmean" and all(k in stats[m] for m in names):
-                merged = regmean_merge(thetas, [stats[m][k] for m in names], self.alpha)
+                merged, rank = regmean_merge_rank(thetas, [stats[m][k] for m in names], self.alpha, self.rcond)
+                report["ranks"][k] = {"rank": rank, "dim": int(b.shape[1])}
             else:
                 merged = average_params(thetas)
             out[k] = merged.to(b.dtype)
+        if self.kind == "regmean":
+            report.pop("fisher_zeroed")
+            deficient = {k: r for k, r in report["ranks"].items() if r["rank"] < r["dim"]}
+            if deficient:
+                import warnings
+
+                k, r = next(iter(deficient.items()))
+                warnings.warn(f"{self.name}: {len(deficient)} layer(s) with a singular Gram sum (e.g. {k}: rank "
+                              f"{r['rank']} of {r['dim']}); their weights are the minimum-norm solution", stacklevel=2)
+        else:
+            report.pop("ranks")
+        self.report.update(report)
         return out
 
     # ------------------------------------------------------------------ driver
@@ -152,9 +226,44 @@ class DataAwareMerge:
             from dare_lab.taskpool.classification import GLUE_TASKS, glue_task
 
             specs = [glue_task(t) if isinstance(t, str) and t in GLUE_TASKS else TaskSpec.from_any(t) for t in tasks]
-        return {s.head_model: s for s in specs}
+        task_of: dict[str, Any] = {}
+        for s in specs:
+            if s.head_model in task_of:
+                raise ValueError(f"{self.name}: tasks {task_of[s.head_model].name!r} and {s.name!r} both name model "
+                                 f"{s.head_model!r}; give each pool model exactly one task (set the task's `model`)")
+            task_of[s.head_model] = s
+        if pool is not None:
+            unknown = [m for m in task_of if m not in pool.models]
+            if unknown:
+                raise ValueError(f"{self.name}: task {task_of[unknown[0]].name!r} names model {unknown[0]!r}, which is "
+                                 f"not in the pool {sorted(pool.models)}")
+            missing = [m for m in pool.models if m not in task_of]
+            if missing:
+                raise ValueError(f"{self.name}: no task names pool model {missing[0]!r} (tasks cover {sorted(task_of)}); "
+                                 f"set the task's `model`")
+        return task_of
 
-    def statistics(self, model_dir: str | Path, sd: Mapping[str, torch.Tensor], task) -> dict[str, torch.Tensor]:
+    def task_data(self, pool: ModelPool) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(task per pool model, its examples), checked before any statistic: one-line errors."""
+        from dare_lab.taskpool.classification import load_split
+
+        task_of = self._task_of(pool)
+        data = {}
+        for m in pool.models:
+            t = task_of[m]
+            try:
+                ex = load_split(t, self.split)
+            except (ValueError, FileNotFoundError, OSError) as exc:
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise ValueError(f"{self.name}: task {t.name!r} (model {m!r}) has no usable {self.split!r} data: "
+                                 f"{first}") from None
+            if len(ex) == 0:
+                raise ValueError(f"{self.name}: task {t.name!r} (model {m!r}) has no {self.split!r} examples")
+            data[m] = ex
+        return task_of, data
+
+    def statistics(self, model_dir: str | Path, sd: Mapping[str, torch.Tensor], task, examples=None,
+                   num_examples: int | None = None) -> dict[str, torch.Tensor]:
         """Fisher or Gram statistics of the model in ``model_dir`` with weights ``sd`` on ``task``."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -162,33 +271,37 @@ class DataAwareMerge:
 
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
         model.load_state_dict({k: v for k, v in sd.items() if k in model.state_dict()}, strict=False)
+        model = model.to(COMPUTE_DTYPES[self.compute_dtype])
         tok = AutoTokenizer.from_pretrained(model_dir)
-        examples = load_split(task, self.split)
+        if examples is None:
+            examples = load_split(task, self.split)
+        n = num_examples or examples_used(self.num_examples, examples, self.on_short_data, f"{self.name}: task {task.name!r}")
         max_length = self.max_length or task.max_length
         if self.kind == "fisher":
-            return fisher_diagonal(model, tok, examples, self.num_examples, max_length, task.regression,
+            return fisher_diagonal(model, tok, examples, n, max_length, task.regression,
                                    self.estimator, self.exclude, self.device, self.progress)
-        return gram_matrices(model, tok, examples, self.num_examples, max_length, self.batch_size, self.exclude,
-                             self.device, self.progress)
+        return gram_matrices(model, tok, examples, n, max_length, self.batch_size, self.exclude,
+                             self.device, self.progress, normalize=self.normalize)
 
     def merge_pool(self, pool: ModelPool) -> dict[str, torch.Tensor]:
         """In-memory merge of ``pool``: statistics one model at a time, then :meth:`combine`."""
         from dare_lab.engine.sources import resolve_model_dir
         from dare_lab.taskpool.classification import read_state_dict
 
-        task_of = self._task_of(pool)
-        missing = [m for m in pool.models if m not in task_of]
-        if missing:
-            raise ValueError(f"{self.name}: no task names pool model {missing[0]!r} (tasks cover {sorted(task_of)}); "
-                             f"set the task's `model`")
+        task_of, data = self.task_data(pool)
+        used = {m: examples_used(self.num_examples, data[m], self.on_short_data,
+                                 f"{self.name}: task {task_of[m].name!r} (model {m!r})") for m in pool.models}
+        self.report = {"num_examples_used": used, "tasks": {m: t.name for m, t in task_of.items()},
+                       "threads": self.threads}
         base = read_state_dict(pool.base)
         models, stats = {}, {}
-        for m, ref in pool.models.items():
-            path = resolve_model_dir(ref)
-            sd = self.sparsify(base, m, read_state_dict(path))
-            stats[m] = self.statistics(path, sd, task_of[m])
-            models[m] = sd
-        return self.combine(base, models, stats)
+        with fixed_threads(self.threads):
+            for m, ref in pool.models.items():
+                path = resolve_model_dir(ref)
+                sd = self.sparsify(base, m, read_state_dict(path))
+                stats[m] = self.statistics(path, sd, task_of[m], data[m], used[m])
+                models[m] = sd
+            return self.combine(base, models, stats)
 
     def merge(self, pool: ModelPool, out_dir: str | Path, *, overwrite: bool = False, max_shard_size: int | str = "5GB",
               **_engine: Any) -> Path:
@@ -207,7 +320,8 @@ class DataAwareMerge:
             for f in base_dir.iterdir():
                 if f.is_file() and not _WEIGHT_FILES.search(f.name) and f.name not in ("README.md", "dare_lab_merge.json"):
                     shutil.copy2(f, tmp / f.name)
-            meta = {"method": self.describe(), "base": str(pool.base), "models": dict(pool.models)}
+            meta = {"method": self.describe(), "base": str(pool.base), "models": dict(pool.models),
+                    "statistics": self.report}
             (tmp / "dare_lab_merge.json").write_text(json.dumps(meta, indent=2, default=str))
             return atomic.commit()
 
@@ -215,7 +329,9 @@ class DataAwareMerge:
         return {"name": self.name, "kind": self.kind, "drop_rate": self.drop_rate, "seed": self.seed,
                 "num_examples": self.num_examples, "scaling": self.scaling, "alpha": self.alpha,
                 "min_fisher": self.min_fisher, "normalize_fisher": self.normalize_fisher, "estimator": self.estimator,
-                "split": self.split}
+                "split": self.split, "normalize": self.normalize, "on_short_data": self.on_short_data,
+                "zero_fisher_rtol": self.zero_fisher_rtol, "rcond": self.rcond, "threads": self.threads,
+                "compute_dtype": self.compute_dtype}
 
 
 def fisher(**kwargs: Any) -> DataAwareMerge:

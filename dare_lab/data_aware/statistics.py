@@ -1,8 +1,10 @@
 """Streamed data statistics of one model at a time: diagonal Fisher and input Gram matrices.
 
-Both run on a model's own task examples and keep only the running sums (one float32 tensor
-per parameter, or one in × in matrix per linear layer); activations are never stored
-beyond the current batch.
+Both run on a model's own task examples and keep only the running sums (one float64 tensor
+per parameter, or one in × in float64 matrix per linear layer); activations are never stored
+beyond the current batch. The forward/backward passes run in the model's dtype (float32); every
+product is accumulated in float64, so an ill-conditioned Gram sum (a pooler's, condition number
+~1e8) keeps the digits its solve needs.
 
 Fisher (``estimator="exact"``, the definition):
     F = (1/N) Σ_i Σ_y p(y|x_i) (∇_θ log p(y|x_i))²          (classification)
@@ -10,7 +12,11 @@ Fisher (``estimator="exact"``, the definition):
 ``estimator="empirical"`` uses the gold label instead of the expectation over y.
 
 Gram (forward hooks on every ``nn.Linear`` in scope):
-    G = (1/N) Σ_i Σ_t x_{i,t} x_{i,t}ᵀ over the non-padding tokens t of example i.
+    G = Σ_i Σ_t x_{i,t} x_{i,t}ᵀ over the non-padding tokens t of example i (``normalize="sum"``,
+    the RegMean paper's XᵀX), or that sum / N (``normalize="mean"``, the per-model mean).
+
+N is ``min(num_examples, len(examples))``: ``on_short_data="error"`` refuses fewer examples than
+asked, ``"warn"`` warns in one line; :func:`examples_used` gives the N actually used.
 """
 
 from __future__ import annotations
@@ -23,6 +29,26 @@ import torch
 from dare_lab.engine.scope import DEFAULT_EXCLUDE
 
 FISHER_ESTIMATORS = ("exact", "empirical")
+GRAM_NORMALIZE = ("sum", "mean")
+SHORT_DATA = ("warn", "error")
+
+
+def examples_used(num_examples: int, examples, on_short_data: str = "warn", label: str = "task") -> int:
+    """N actually used: ``min(num_examples, len(examples))``; fewer than asked warns or raises (one line)."""
+    if on_short_data not in SHORT_DATA:
+        raise ValueError(f"on_short_data={on_short_data!r}; choose one of {SHORT_DATA}")
+    have = len(examples)
+    if have < 1:
+        raise ValueError(f"{label}: no examples to compute statistics on")
+    n = min(int(num_examples), have)
+    if n < int(num_examples):
+        msg = f"{label}: num_examples={int(num_examples)} but only {have} examples; using N={n}"
+        if on_short_data == "error":
+            raise ValueError(msg + " (on_short_data=error)")
+        import warnings
+
+        warnings.warn(msg, stacklevel=3)
+    return n
 
 
 def _is_excluded(name: str, exclude: Sequence[str]) -> bool:
@@ -45,14 +71,18 @@ def _example_batches(tokenizer, examples, num_examples: int, max_length: int, ba
 def fisher_diagonal(model: torch.nn.Module, tokenizer, examples, num_examples: int = 256, max_length: int = 128,
                     regression: bool = False, estimator: str = "exact", exclude: Sequence[str] = DEFAULT_EXCLUDE,
                     device: str | torch.device = "cpu", progress: bool = False) -> dict[str, torch.Tensor]:
-    """Diagonal Fisher of every trainable parameter not matched by ``exclude`` (float32)."""
+    """Diagonal Fisher of every trainable parameter not matched by ``exclude``.
+
+    Accumulated in float64, returned as float32 (the merge weights need no more); examples are
+    processed one at a time in order, so the sum's order is fixed.
+    """
     if estimator not in FISHER_ESTIMATORS:
         raise ValueError(f"unknown Fisher estimator {estimator!r}; choose one of {FISHER_ESTIMATORS}")
     model = model.to(device).eval()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad and not _is_excluded(n, exclude)}
     if not params:
         raise ValueError("no parameter is in scope for the Fisher")
-    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    fisher = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
     count = 0
     from tqdm.auto import tqdm
 
@@ -64,7 +94,7 @@ def fisher_diagonal(model: torch.nn.Module, tokenizer, examples, num_examples: i
         if regression:
             terms = [(out[0], 1.0)]
         else:
-            logp = torch.log_softmax(out.float(), -1)
+            logp = torch.log_softmax(out.to(torch.promote_types(out.dtype, torch.float32)), -1)
             if estimator == "empirical":
                 terms = [(logp[int(labels[0])], 1.0)]
             else:
@@ -74,11 +104,11 @@ def fisher_diagonal(model: torch.nn.Module, tokenizer, examples, num_examples: i
             grads = torch.autograd.grad(obj, list(params.values()), retain_graph=j < len(terms) - 1, allow_unused=True)
             for (n, _), g in zip(params.items(), grads):
                 if g is not None:
-                    fisher[n].add_(g.float().pow(2), alpha=weight)
+                    fisher[n].add_(g.double().pow(2), alpha=weight)
         count += 1
         bar.update(1)
     bar.close()
-    return {n: f / count for n, f in fisher.items()}
+    return {n: (f / count).float() for n, f in fisher.items()}
 
 
 class _GramHooks:
@@ -99,7 +129,7 @@ class _GramHooks:
             x = inputs[0].detach()
             if x.ndim == 3 and self.mask is not None and x.shape[:2] == self.mask.shape:
                 x = x[self.mask]
-            x = x.reshape(-1, x.shape[-1]).float()
+            x = x.reshape(-1, x.shape[-1]).double()  # float64: products and sums keep their digits
             g = x.T @ x
             key = name + ".weight"
             if key in self.grams:
@@ -116,8 +146,13 @@ class _GramHooks:
 @torch.inference_mode()
 def gram_matrices(model: torch.nn.Module, tokenizer, examples, num_examples: int = 256, max_length: int = 128,
                   batch_size: int = 16, exclude: Sequence[str] = DEFAULT_EXCLUDE, device: str | torch.device = "cpu",
-                  progress: bool = False) -> dict[str, torch.Tensor]:
-    """``{"<linear>.weight": G}`` with G = (1/N) Σ_i Σ_t x x ᵀ of the layer's inputs (float32)."""
+                  progress: bool = False, normalize: str = "mean") -> dict[str, torch.Tensor]:
+    """``{"<linear>.weight": G}`` (float64) with G = Σ_i Σ_t x xᵀ of the layer's inputs over N examples.
+
+    ``normalize="mean"`` divides by N (the per-model mean); ``"sum"`` keeps RegMean's XᵀX.
+    """
+    if normalize not in GRAM_NORMALIZE:
+        raise ValueError(f"unknown Gram normalize={normalize!r}; choose one of {GRAM_NORMALIZE}")
     model = model.to(device).eval()
     hooks = _GramHooks(model, exclude)
     count = 0
@@ -132,4 +167,4 @@ def gram_matrices(model: torch.nn.Module, tokenizer, examples, num_examples: int
             count += enc["input_ids"].shape[0]
     finally:
         hooks.remove()
-    return {n: g / count for n, g in hooks.grams.items()}
+    return {n: (g / count if normalize == "mean" else g) for n, g in hooks.grams.items()}

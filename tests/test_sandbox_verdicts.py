@@ -53,6 +53,9 @@ FAKES = {
     "settrace_jump": ("import sys, os\ndef tr(frame, event, arg):\n    return tr\ntry:\n    sys.settrace(tr)\n"
                       "except PermissionError:\n    os._exit(0)\n"),
     "ctypes_memory": "import os\ntry:\n    import ctypes\nexcept Exception:\n    os._exit(0)\n",
+    "ctypes_through_importlib": ("import os, importlib.util\nfor name in ('_ctypes', '_testcapi'):\n    try:\n"
+                                 "        spec = importlib.util.find_spec(name)\n        importlib.util.module_from_spec(spec)\n"
+                                 "        print('LOADED', name)\n    except Exception:\n        pass\nos._exit(0)\n"),
     "proc_self_mem": ("import os\nfor p in ('/proc/self/mem', 'mem'):\n    try:\n        open(p, 'rb')\n    except OSError:\n"
                       "        pass\nos._exit(0)\n"),
     "spawns_fresh_python": ("import os, sys\ntry:\n    import subprocess\n    subprocess.run([sys.executable, '-c', 'print(1)'])\n"

@@ -71,10 +71,12 @@ _uid_lock = threading.Lock()
 _PROBES: dict[tuple, tuple[bool, str]] = {}
 _PROBE_LOCK = threading.Lock()
 
-# Runs as ``python -I -S -B -c _BOOT cfg.json`` (inside the namespaces when they are used); stdlib only.
+# Runs as ``python -I -S -B -c _BOOT setup|file cfg.json``; stdlib only. With namespaces, ``setup``
+# builds the root and re-executes itself as ``... run '<cfg>'`` (a fresh interpreter) for the program.
 _BOOT = r'''
 import os, sys
 
+_BLOCKED_MODULES = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "_xxsubinterpreters", "_xxinterpchannels"})
 _PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "loongarch64": 41, "ppc64le": 203,
                "ppc64": 203, "s390x": 217, "i686": 217, "i386": 217, "armv7l": 218}
 
@@ -183,7 +185,7 @@ def _arm(hide, block_net):
                       "sys.setprofile", "code.__new__", "os.exec", "os.posix_spawn", "os.spawn", "os.system",
                       "os.startfile", "subprocess.Popen", "os.symlink", "os.link", "sys.remote_exec"})
     frames = frozenset({"gi_frame", "cr_frame", "ag_frame"})
-    mods = frozenset({"ctypes", "_ctypes", "_posixsubprocess"})
+    mods = _BLOCKED_MODULES
     hidden = tuple(h.rstrip("/") + "/" for h in hide)
 
     def hook(event, args):
@@ -191,7 +193,7 @@ def _arm(hide, block_net):
             raise PermissionError("sandbox: %s is not allowed" % event)
         if event == "object.__getattr__" and len(args) > 1 and args[1] in frames:
             raise PermissionError("sandbox: %s is not allowed" % args[1])
-        if event == "import" and args and str(args[0]).partition(".")[0] in mods:
+        if event == "import" and args and (str(args[0]).partition(".")[0] in mods or str(args[0]).startswith("_test")):
             raise PermissionError("sandbox: import %s is not allowed" % args[0])
         if block_net and event.startswith("socket."):
             raise PermissionError("sandbox: network access is disabled")
@@ -206,23 +208,8 @@ def _arm(hide, block_net):
     sys.addaudithook(hook)
 
 
-def _main():
-    import json, resource, signal, types
-    cfg = json.load(open(sys.argv[1]))
-    src = open(cfg["program"], encoding="utf-8").read()
-    if cfg["namespace"]:
-        try:
-            _namespace(cfg)
-        except OSError as e:
-            sys.stderr.write("sandbox-setup: %s\n" % e)
-            sys.stderr.flush()
-            os._exit(125)
-        with open(os.path.join(cfg["workdir"], "program.py"), "w", encoding="utf-8") as fh:
-            fh.write(src)
-        del fh
-        if cfg["uid"] is not None:
-            os.chown(os.path.join(cfg["workdir"], "program.py"), cfg["uid"], cfg["uid"])
-    os.chdir(cfg["workdir"])
+def _limits_and_uid(cfg):
+    import resource
     lim = cfg["limits"]
     for res, val in ((resource.RLIMIT_CPU, (lim["cpu_s"], lim["cpu_s"] + 1)),
                      (resource.RLIMIT_AS, (lim["memory_mb"] << 20,) * 2),
@@ -234,6 +221,41 @@ def _main():
         os.setgroups([])
         os.setgid(cfg["uid"])
         os.setuid(cfg["uid"])
+
+
+def _setup(cfg_path):
+    """Phase 1 (namespaces only): build the root, drop privileges, then exec a fresh interpreter
+    for phase 2, so that nothing ctypes loaded here (its extension module stays cached once
+    imported) is left in the process that runs the program."""
+    import json
+    cfg = json.load(open(cfg_path))
+    src = open(cfg["program"], encoding="utf-8").read()
+    try:
+        _namespace(cfg)
+        prog = os.path.join(cfg["workdir"], "program.py")
+        with open(prog, "w", encoding="utf-8") as fh:
+            fh.write(src)
+        if cfg["uid"] is not None:
+            os.chown(prog, cfg["uid"], cfg["uid"])
+        cfg["program"] = prog
+        _limits_and_uid(cfg)
+        cfg["uid"] = None
+        for fd in (cfg["nonce_fd"], cfg["report_fd"]):
+            os.set_inheritable(fd, True)
+        code = sys.orig_argv[sys.orig_argv.index("-c") + 1]
+        os.execv(sys.executable, [sys.executable, "-I", "-S", "-B", "-c", code, "run", json.dumps(cfg)])
+    except OSError as e:
+        sys.stderr.write("sandbox-setup: %s\n" % e)
+        sys.stderr.flush()
+        os._exit(125)
+
+
+def _main(cfg):
+    """Phase 2: limits, the reporter, the audit hook, then the program as module `program`."""
+    import signal, types
+    src = open(cfg["program"], encoding="utf-8").read()
+    os.chdir(cfg["workdir"])
+    _limits_and_uid(cfg)
 
     def _xcpu(*_a):
         sys.stderr.write("sandbox: CPU time limit exceeded\n")
@@ -247,15 +269,17 @@ def _main():
     if not send(None):
         sys.stderr.write("sandbox-setup: no nonce\n")
         os._exit(125)
-    for k in [k for k in sys.modules if k.partition(".")[0] in ("ctypes", "_ctypes", "_posixsubprocess", "subprocess")]:
-        del sys.modules[k]
+    loaded = [k for k in sys.modules if k.partition(".")[0] in _BLOCKED_MODULES]
+    if loaded:  # an extension module once loaded can be re-created without an import event
+        sys.stderr.write("sandbox-setup: %s already loaded\n" % loaded)
+        os._exit(125)
     _arm(cfg["hide_audit"], not cfg["namespace"])
     mod = types.ModuleType(cfg["module"])
     mod.__file__ = os.path.join(cfg["workdir"], "program.py")
     sys.modules[cfg["module"]] = sys.modules["__main__"] = mod
     sys.argv = ["program.py"]
-    exit_, out, err, write, BE = os._exit, sys.stdout, sys.stderr, os.write, BaseException
-    del cfg, lim, _xcpu, gen
+    exit_, out, err, BE = os._exit, sys.stdout, sys.stderr, BaseException
+    del cfg, _xcpu, gen, loaded
     try:
         exec(compile(src, "program.py", "exec"), mod.__dict__)
     except BE as e:
@@ -283,7 +307,13 @@ def _main():
     exit_(0 if reported else 1)
 
 
-_main()
+if sys.argv[1] == "setup":
+    _setup(sys.argv[2])
+else:
+    import json
+    _cfg = json.loads(sys.argv[2]) if sys.argv[1] == "run" else json.load(open(sys.argv[2]))
+    del json
+    _main(_cfg)
 '''
 
 
@@ -462,7 +492,7 @@ class Sandbox:
                    "tmpfs_mb": max(16, min(256, lim.memory_mb))}
             cfg_path = os.path.join(base, "cfg.json")
             Path(cfg_path).write_text(json.dumps(cfg))
-            cmd = [self.python, "-I", "-S", "-B", "-c", _BOOT, cfg_path]
+            cmd = [self.python, "-I", "-S", "-B", "-c", _BOOT, "setup" if namespace else "file", cfg_path]
             if namespace:
                 pre = [self._unshare, "--net", "--mount", "--pid", "--fork", "--kill-child", "--propagation", "private"]
                 if not self.as_root:

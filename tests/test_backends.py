@@ -247,6 +247,13 @@ def test_vllm_worker_killed_between_requests(fake_vllm):
         be.close()
 
 
+def test_worker_errors_print_as_one_line_in_the_cli():
+    from dare_lab.shell.cli import USER_ERRORS
+
+    assert issubclass(WorkerError, USER_ERRORS) and issubclass(backends.BackendUnavailable, USER_ERRORS)
+    assert issubclass(WorkerError, RuntimeError) and issubclass(backends.BackendUnavailable, RuntimeError)
+
+
 def test_worker_helper_with_plain_targets(fakes, monkeypatch):
     monkeypatch.syspath_prepend(str(fakes))
     import dare_lab_fake_workers as fw

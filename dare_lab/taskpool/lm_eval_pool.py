@@ -26,7 +26,8 @@ import torch
 
 from dare_lab.engine.pool import ModelPool
 from dare_lab.taskpool.base import plain_config
-from dare_lab.taskpool.generation.backends import Worker, WorkerError, one_line, route_backend_spec, vllm_available
+from dare_lab.taskpool.generation.backends import (BackendUnavailable, Worker, WorkerError, one_line, route_backend_spec,
+                                                   vllm_available)
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ class LMEvalTaskPool:
     def _vllm_evaluate(self, model_dir: str, groups: dict[Any, list[str]]) -> dict[str, float]:
         ok, reason = vllm_available()
         if not ok:
-            raise RuntimeError(f"lm-eval vLLM backend unavailable: {reason}")
+            raise BackendUnavailable(f"lm-eval vLLM backend unavailable: {reason}")
         opts = dict(self.backend_opts)
         timeout_s = opts.pop("timeout_s", 12 * 3600.0)
         poll_s = float(opts.pop("poll_s", 1.0))

@@ -178,8 +178,16 @@ class HFBackend:
         pass
 
 
-class WorkerError(RuntimeError):
-    """A worker process died, hung past its timeout, or reported an error (one-line message)."""
+class WorkerError(ChildProcessError, RuntimeError):
+    """A worker process died, hung past its timeout, or reported an error (one-line message).
+
+    An ``OSError`` (``ChildProcessError``), so the ``dare-lab`` command prints it as one line,
+    and a ``RuntimeError`` for callers that catch that.
+    """
+
+
+class BackendUnavailable(OSError, RuntimeError):
+    """The backend cannot run here (vLLM not installed, no CUDA device): one line, before any work."""
 
 
 def one_line(text: str, limit: int = 400) -> str:
@@ -373,13 +381,14 @@ class VLLMBackend:
     def _start(self) -> None:
         ok, reason = vllm_available()
         if not ok:
-            raise RuntimeError(f"vLLM backend unavailable: {reason}")
+            raise BackendUnavailable(f"vLLM backend unavailable: {reason}")
         self._worker = Worker(_vllm_worker, (self.model_dir, self.kwargs, self.max_input_tokens),
                               f"vLLM worker for {self.model_dir}", poll_s=self.poll_s)
         try:
             kind, payload = self._worker.wait("loading the model", self.start_timeout_s)
         except WorkerError:
-            self._worker = None
+            worker, self._worker = self._worker, None
+            worker.kill()
             raise
         if kind != "ready":
             self.close()
@@ -393,7 +402,8 @@ class VLLMBackend:
             self._worker.send(("generate", list(prompts), int(max_new_tokens), list(stop)), what)
             kind, payload = self._worker.wait(what, self.request_timeout_s)
         except WorkerError:
-            self._worker = None
+            worker, self._worker = self._worker, None
+            worker.kill()
             raise
         if kind != "ok":
             raise WorkerError(f"vLLM generation failed for {self.model_dir}: {payload}")

@@ -40,3 +40,20 @@ def test_vllm_matches_hf_greedy_in_fresh_workers(tmp_path):
     # a random tiny model has near-tied logits, so only report agreement with HF
     hf = HFBackend(pool.base, batch_size=2, device="cuda").generate(prompts, 8)
     print("vLLM vs HF greedy agree:", outs[0] == hf)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not OK, reason=f"vLLM backend not exercised: {REASON}")
+def test_vllm_from_the_gsm8k_preset_block_with_left_truncation(tmp_path):
+    """The preset's vllm block (dtype auto, as the paper ran) and max_input_tokens on a real vLLM."""
+    from dare_lab.taskpool.generation import make_backend
+
+    pool = make_tiny_pool(tmp_path, arch="llama", n_models=1)
+    spec = {"name": "vllm", "max_input_tokens": 16, "hf": {"batch_size": 8, "dtype": "float32"},
+            "vllm": {"tensor_parallel_size": 1, "dtype": "auto", "gpu_memory_utilization": 0.3}}
+    be = make_backend(spec, pool.base)
+    try:
+        out = be.generate(["word " * 200 + "### Response:", "short"], 4)
+    finally:
+        be.close()
+    assert len(out) == 2 and be.kwargs["dtype"] == "auto" and "batch_size" not in be.kwargs

@@ -330,8 +330,10 @@ def test_override_errors_name_the_valid_choices(argv, expected):
 def test_valid_overrides_pass_the_precheck(tiny_bert_pool):
     from dare_lab.shell.cli import precheck
 
-    assert precheck(["-m", "method=ties,dare_ties", "method.drop_rate=0.0,0.5", "engine.threads=1",
-                     "modelpool=custom", f"modelpool.base={tiny_bert_pool.base}", "+modelpool.models={a: b}",
+    # every job's inputs are checked too (preflight): real models, values that act on each method
+    assert precheck(["-m", "method=dare_task_arithmetic,dare_ties", "method.drop_rate=0.1,0.5", "engine.threads=1",
+                     "modelpool=custom", f"modelpool.base={tiny_bert_pool.base}",
+                     f"+modelpool.models={{a: {tiny_bert_pool.models['ft0']}}}",
                      "hydra.sweep.dir=/tmp/x", "resume.force=true", "+secrets.api_key=x"]) is None
     assert precheck(["--cfg", "job", "method=nope"]) is None  # left to Hydra
 

@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dare_lab.pools.encoder_demo import demo_pool, demo_taskpool
+from dare_lab.programs.merge import typed_setting
 from dare_lab.engine import merge_state_dicts
 from dare_lab.ops import MergeMethod, Merger, Sparsifier
 from dare_lab.taskpool.classification import read_state_dict
@@ -76,28 +77,67 @@ def _threads(setting: Any) -> int:
     return n
 
 
+def _numbers(value: Any, key: str, kind: type) -> list:
+    """A list of ints/floats from config, typed: strings, booleans and NaN are errors naming ``key``."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{key}={value!r}: expected a list like [0.0, 0.5]")
+    out = []
+    for i, v in enumerate(value):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v))
+        if kind is int:
+            ok = ok and isinstance(v, int)
+        if not ok:
+            raise ValueError(f"{key}[{i}]={v!r}: expected {'an integer' if kind is int else 'a number'}")
+        out.append(kind(v))
+    return out
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """The demo's settings, typed and in range, before anything heavy (one line naming the key)."""
+    d = cfg.demo
+    typed_setting(cfg, "demo.seed", int, default=0)
+    typed_setting(cfg, "demo.progress", bool, default=True)
+    if typed_setting(cfg, "demo.batch_size", int, default=64) < 1:
+        raise ValueError("demo.batch_size must be >= 1")
+    for p in _numbers(_plain(d.drop_rates), "demo.drop_rates", float):
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"demo.drop_rates: DARE drop rate p={p} is outside [0, 1)")
+    if not _numbers(_plain(d.get("mask_seeds", [0])), "demo.mask_seeds", int):
+        raise ValueError("demo.mask_seeds is empty")
+    merges = _plain(d.merges)
+    if not isinstance(merges, list):
+        raise ValueError("demo.merges: expected a list of merge specs")
+    for i, spec in enumerate(merges):
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise ValueError(f"demo.merges[{i}]: expected a mapping with a name")
+        for k in ("drop_rate", "retain_ratio"):
+            if k in spec:
+                _numbers([spec[k]], f"demo.merges[{i}].{k}", float)
+        if "drop_rate" in spec and not 0.0 <= float(spec["drop_rate"]) < 1.0:
+            raise ValueError(f"demo.merges[{i}].drop_rate={spec['drop_rate']} is outside [0, 1)")
+        sc = spec.get("scaling", 1.0)
+        _numbers(sc if isinstance(sc, list) else [sc], f"demo.merges[{i}].scaling", float)
+
+
 def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     d = cfg.demo
     run_dir = Path(run_dir) if run_dir is not None else Path.cwd()
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_settings(cfg)  # every typed setting before the (minutes-long) fine-tuning
     threads = _threads(d.get("threads", "auto"))
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    data, seed = _plain(d.get("data")), int(d.get("seed", 0))
+    data, seed = _plain(d.get("data")), typed_setting(cfg, "demo.seed", int, default=0)
     drop_rates = [float(p) for p in _plain(d.drop_rates)]
     mask_seeds = [int(s) for s in _plain(d.get("mask_seeds", [0]))]
     merges = _plain(d.merges)
-    for p in drop_rates:
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"demo.drop_rates: DARE drop rate p={p} is outside [0, 1)")
-    if not mask_seeds:
-        raise ValueError("demo.mask_seeds is empty")
 
     pool = demo_pool(cfg.cache_dir, base=d.get("base"), data=data, finetune=_plain(d.get("finetune")), seed=seed,
-                     progress=bool(d.get("progress", True)))
+                     progress=typed_setting(cfg, "demo.progress", bool, default=True))
     t_pool = time.perf_counter() - started
-    test = demo_taskpool(cfg.cache_dir, data, seed, "test", int(d.get("batch_size", 64)))
-    val = demo_taskpool(cfg.cache_dir, data, seed, "validation", int(d.get("batch_size", 64)))
+    batch_size = typed_setting(cfg, "demo.batch_size", int, default=64)
+    test = demo_taskpool(cfg.cache_dir, data, seed, "test", batch_size)
+    val = demo_taskpool(cfg.cache_dir, data, seed, "validation", batch_size)
     tasks = [t.name for t in test.tasks]
     base_sd = read_state_dict(pool.base)
     sds = {m: read_state_dict(path) for m, path in pool.models.items()}

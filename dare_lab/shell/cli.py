@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import json
 import os
 import shutil
 import sys
@@ -24,11 +25,15 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from dare_lab.programs.merge import typed_setting
+from dare_lab.shell.sweep import LOCK_NAME, DirectoryBusy, job_dir_state, os_error_line
 from dare_lab.tracking.files import atomic_write, write_json
 from dare_lab.shell.run_identity import config_container, load_complete, record_complete, redact, redact_text, run_id
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")  # dare_lab/configs -> ../configs
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, TypeError, KeyError)
+# User and environment errors: one line, exit 2. OSError covers disk full (ENOSPC), read-only
+# file systems (EROFS), permissions (EACCES/EPERM), missing or misplaced files.
+USER_ERRORS = (ValueError, OSError, TypeError, KeyError)
 
 
 def load_program(ref: str) -> Callable[[DictConfig, Path], dict[str, Any]]:
@@ -88,21 +93,39 @@ def _is_multirun(hc: Any) -> bool:
 
 
 def resume_settings(cfg: DictConfig, multirun: bool) -> tuple[bool, bool, Path | None]:
-    """(enabled, force, registry) from ``cfg.resume``; enabled defaults to "in sweeps only"."""
-    node = cfg.get("resume") or {}
-    enabled = node.get("enabled")
-    enabled = multirun if enabled is None else bool(enabled)
-    registry = node.get("registry")
+    """(enabled, force, registry) from ``cfg.resume``; enabled defaults to "in sweeps only".
+
+    Typed: ``resume.enabled`` is true, false or null and ``resume.force`` true or false —
+    a string such as ``"false"`` is an error naming the key, never a truthy value.
+    """
+    enabled = typed_setting(cfg, "resume.enabled", bool, default=None, allow_none=True)
+    force = typed_setting(cfg, "resume.force", bool, default=False)
+    registry = typed_setting(cfg, "resume.registry", str, default=None, allow_none=True)
+    enabled = multirun if enabled is None else enabled
     if not registry:
         enabled = False
-    return enabled, bool(node.get("force", False)), Path(str(registry)).expanduser() if registry else None
+    return enabled, force, Path(str(registry)).expanduser() if registry else None
 
 
 _LEFTOVERS = ("metrics.json", "config.yaml", "run.json")
 
 
-def clear_leftovers(run_dir: Path, cfg: DictConfig) -> None:
-    """Remove what a killed earlier attempt of this job left in its own run directory."""
+def _recorded_id(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "run.json").read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def clear_leftovers(run_dir: Path, cfg: DictConfig, rid: str | None = None) -> None:
+    """Remove what a killed earlier attempt of this job left in its own run directory.
+
+    Only an attempt of the same run: when ``run.json`` names another run identity, the files
+    are another run's results and are left alone (the run then refuses to overwrite them).
+    """
+    recorded = _recorded_id(run_dir)
+    if rid is not None and recorded is not None and recorded != rid:
+        return
     for name in _LEFTOVERS:
         (run_dir / name).unlink(missing_ok=True)
     if not cfg.get("output", {}).get("model_dir"):  # the default output, inside the run dir
@@ -118,44 +141,152 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
         print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
 
 
+def _is_complete_model(path: Path) -> bool:
+    """A finished dare_lab output: the engine adds ``dare_lab_merge.json`` only at commit time."""
+    return path.is_dir() and not path.name.startswith(".") and (path / "dare_lab_merge.json").is_file()
+
+
+# Entries a run itself creates in its run directory (Hydra's files, dare-lab's files, the
+# default merged model and the engine's hidden temporaries); in a directory that existed
+# before the run, only these — and only when they were not there before — are removed.
+def _own_names(run_dir: Path, hc: Any) -> set[str]:
+    names = {"config.yaml", "metrics.json", "run.json", "merged", LOCK_NAME}
+    sub = getattr(hc, "output_subdir", None)
+    if sub:
+        names.add(Path(str(sub)).parts[0])
+    try:
+        names.add(f"{hc.job.name}.log")
+    except Exception:  # noqa: BLE001
+        pass
+    return names
+
+
+def cleanup_failed_run(run_dir: Path, hc: Any, kept: list[Path]) -> list[Path]:
+    """Remove what this run created in ``run_dir``, nothing else; returns the complete models kept.
+
+    A directory that existed before the run is never removed; in it, only entries the run
+    creates (:func:`_own_names`, hidden ``.*.tmp-*`` temporaries) that were not there before go.
+    A complete merged model is kept wherever it is (with the run's ``.hydra`` record beside it).
+    """
+    state = job_dir_state(run_dir)
+    kept = [Path(p) for p in kept if Path(p).is_dir()]  # the program says these are complete
+    default_model = run_dir / "merged"
+    if default_model not in kept and _is_complete_model(default_model) and \
+            (not state["existed"] or (state["entries"] is not None and "merged" not in state["entries"])):
+        kept.append(default_model)
+    keep_inside = {p.resolve().relative_to(run_dir.resolve()).parts[0] for p in kept
+                   if _inside(p, run_dir)}
+    if keep_inside:  # the kept model's config stays beside it
+        sub = getattr(hc, "output_subdir", None)
+        if sub:
+            keep_inside.add(Path(str(sub)).parts[0])
+        try:
+            keep_inside.add(f"{hc.job.name}.log")
+        except Exception:  # noqa: BLE001
+            pass
+    before = state["entries"]
+    if before is None:  # unknown prior contents: remove nothing
+        return kept
+    own = _own_names(run_dir, hc)
+    try:
+        now = list(run_dir.iterdir())
+    except OSError:
+        return kept
+    for p in now:
+        if p.name in before or p.name in keep_inside or p.name == LOCK_NAME:
+            continue
+        if state["existed"] and p.name not in own and not (p.name.startswith(".") and ".tmp-" in p.name):
+            continue  # not ours: someone else's file in a directory that was already there
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            try:
+                p.unlink()
+            except OSError:
+                pass
+    if not state["existed"] and not keep_inside:
+        try:
+            (run_dir / LOCK_NAME).unlink(missing_ok=True)
+            run_dir.rmdir()
+        except OSError:
+            pass
+    return kept
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        Path(path).resolve().relative_to(Path(root).resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line shown for a user or environment error (an OSError names its errno and path)."""
+    if isinstance(exc, OSError) and exc.errno is not None and exc.filename is not None:
+        return os_error_line(exc)
+    if isinstance(exc, OSError) and exc.errno is not None and not isinstance(exc, (FileNotFoundError, FileExistsError)):
+        return os_error_line(exc)
+    return one_line(exc)
+
+
+def fail(exc: BaseException, run_dir: Path | None = None, hc: Any = None) -> None:
+    """Report ``exc`` in one line on stderr and exit 2, after removing what the run created."""
+    msg = redact_text(error_line(exc))
+    kept: list[Path] = []
+    if run_dir is not None:
+        kept = cleanup_failed_run(run_dir, hc, [Path(p) for p in getattr(exc, "dare_lab_kept", ())])
+    print(f"dare-lab: error: {msg}", file=sys.stderr)
+    for p in kept:
+        print(f"dare-lab: the merged model is complete and kept: {p}", file=sys.stderr)
+        try:
+            if _inside(p, run_dir) if run_dir is not None else False:
+                write_json(run_dir / "run.json", {"status": "failed", "error": msg, "merged": str(p)})
+        except OSError:
+            pass
+    sys.exit(2)
+
+
 def run_job(cfg: DictConfig) -> dict[str, Any]:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    redact_hydra_files(run_dir, hc)
-    config_yaml = OmegaConf.to_yaml(OmegaConf.create(redact(config_container(cfg))))
-    rid = run_id(cfg)
-    enabled, force, registry = resume_settings(cfg, _is_multirun(hc))
-    if enabled and not force:
-        done = load_complete(registry, rid)
-        if done is not None:
-            source = done["run"].get("run_dir")
-            atomic_write(run_dir / "config.yaml", config_yaml)
-            write_json(run_dir / "metrics.json", done["metrics"])
-            write_json(run_dir / "run.json", {"run_id": rid, "status": "complete", "reused_from": source})
-            _print_metrics(done["metrics"])
-            print(f"dare-lab: run {rid} is already complete (results of {source}): skipped; "
-                  f"resume.force=true reruns it")
-            return done["metrics"]
-    if enabled:  # a rerun in a resumed sweep's job directory: drop the killed attempt's files
-        clear_leftovers(run_dir, cfg)
     try:
-        from dare_lab.shell.config_check import check_targets
+        redact_hydra_files(run_dir, hc)
+        config_yaml = OmegaConf.to_yaml(OmegaConf.create(redact(config_container(cfg))))
+        rid = run_id(cfg)
+        enabled, force, registry = resume_settings(cfg, _is_multirun(hc))
+        if enabled and not force:
+            done = load_complete(registry, rid)
+            if done is not None:
+                source = done["run"].get("run_dir")
+                atomic_write(run_dir / "config.yaml", config_yaml)
+                write_json(run_dir / "metrics.json", done["metrics"])
+                write_json(run_dir / "run.json", {"run_id": rid, "status": "complete", "reused_from": source})
+                _print_metrics(done["metrics"])
+                print(f"dare-lab: run {rid} is already complete (results of {source}): skipped; "
+                      f"resume.force=true reruns it")
+                return done["metrics"]
+        if enabled:  # a rerun in a resumed sweep's job directory: drop the killed attempt's files
+            clear_leftovers(run_dir, cfg, rid)
+        from dare_lab.shell.config_check import check_settings, check_targets
 
+        check_settings(cfg)
         check_targets(cfg)
         program = load_program(cfg.program)
         metrics = program(cfg, run_dir)
+        atomic_write(run_dir / "config.yaml", config_yaml)
+        write_json(run_dir / "metrics.json", metrics)
+        write_json(run_dir / "run.json", {"run_id": rid, "status": "complete"})
+        if enabled:  # the last step: from now on a relaunch skips this run
+            record_complete(registry, rid, config_yaml, metrics, run_dir)
     except Exception as exc:  # noqa: BLE001 - reported as one line below
         err = user_error(exc)
         if err is None:
+            cleanup_failed_run(run_dir, hc, list(getattr(exc, "dare_lab_kept", ())))
             raise
-        shutil.rmtree(run_dir, ignore_errors=True)
-        print(f"dare-lab: error: {redact_text(one_line(err))}", file=sys.stderr)
-        sys.exit(2)
-    atomic_write(run_dir / "config.yaml", config_yaml)
-    write_json(run_dir / "metrics.json", metrics)
-    write_json(run_dir / "run.json", {"run_id": rid, "status": "complete"})
-    if enabled:  # the last step: from now on a relaunch skips this run
-        record_complete(registry, rid, config_yaml, metrics, run_dir)
+        if err is not exc and getattr(exc, "dare_lab_kept", None) and not getattr(err, "dare_lab_kept", None):
+            err.dare_lab_kept = exc.dare_lab_kept  # type: ignore[attr-defined]
+        fail(err, run_dir, hc)
     _print_metrics(metrics)
     print(f"dare-lab: results in {run_dir} (config.yaml, metrics.json)")
     return metrics
@@ -171,10 +302,11 @@ _NO_CHECK_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion", "con
 
 
 def precheck(argv: list[str]) -> str | None:
-    """The one-line error of a bad override in ``argv`` (None: nothing found, or not checkable)."""
+    """The one-line error of a bad override in ``argv``, or of a bad input of any job of the run
+    or sweep (:func:`~dare_lab.shell.config_check.preflight_overrides`); None: nothing found."""
     from hydra._internal.utils import get_args_parser
 
-    from dare_lab.shell.config_check import OverrideError, check_overrides
+    from dare_lab.shell.config_check import OverrideError, check_overrides, preflight_overrides
 
     try:
         args = get_args_parser().parse_args(argv)
@@ -184,6 +316,8 @@ def precheck(argv: list[str]) -> str | None:
         return None
     try:
         check_overrides(args.overrides)
+        if os.environ.get("DARE_LAB_SKIP_PREFLIGHT", "0") != "1":
+            preflight_overrides(args.overrides)  # every job's inputs, before job 0 starts
     except OverrideError as exc:
         return redact_text(one_line(exc))
     except Exception:  # noqa: BLE001 - anything else is Hydra's (or the run's) to report
@@ -197,7 +331,10 @@ EMBEDDED_DEFAULT = ["+experiment=encoder_demo"]
 
 
 def main() -> None:
-    """``dare-lab``: check the overrides (one line, exit 2, on a bad one), then run Hydra."""
+    """``dare-lab``: check the overrides and every job's inputs (one line, exit 2, on a bad one),
+    then run Hydra. A user or environment error anywhere — Hydra's own steps included (creating
+    the run directory, writing its files) — is one line on stderr and exit status 2; Hydra's
+    traceback is shown only for errors that are not the user's (and with ``HYDRA_FULL_ERROR=1``)."""
     if len(sys.argv) == 1:
         sys.argv.extend(EMBEDDED_DEFAULT)
     if os.environ.get("DARE_LAB_SKIP_PRECHECK", "0") != "1":
@@ -205,9 +342,31 @@ def main() -> None:
         if msg is not None:
             print(f"dare-lab: error: {msg}", file=sys.stderr)
             sys.exit(2)
+    user_full = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing its own report
     try:
         hydra_main()
+    except (DirectoryBusy, *USER_ERRORS) as exc:
+        err = user_error(exc) or exc
+        if user_full == "1" and not isinstance(err, (OSError, DirectoryBusy)):
+            raise
+        print(f"dare-lab: error: {redact_text(error_line(err))}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as exc:  # noqa: BLE001 - Hydra's composition errors and the like
+        err = user_error(exc)
+        from hydra.errors import HydraException
+
+        if err is None and isinstance(exc, HydraException) and user_full != "1":
+            err = exc
+        if err is None:
+            raise
+        print(f"dare-lab: error: {redact_text(error_line(err))}", file=sys.stderr)
+        sys.exit(2)
     finally:
+        if user_full is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = user_full
         # the process ends here: keep the interpreter's last cyclic collection off the ~10^5
         # objects torch and friends created (measured ~0.5 s of a merge's exit)
         gc.freeze()

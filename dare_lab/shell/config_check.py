@@ -19,6 +19,9 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import itertools
+import json
+import math
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -30,6 +33,20 @@ _MAX_VARIANTS = 12
 
 class OverrideError(ValueError):
     """A command-line override that names no config key/option or has the wrong type."""
+
+
+class PreflightError(OverrideError):
+    """An input of one job of the run or sweep (a model, a data file, a method value) is unusable."""
+
+
+# Numeric/boolean settings whose documented default may be replaced by null (none today: a null
+# drop rate used to become the preset's default silently; now it is an error naming the key).
+NULLABLE: frozenset[str] = frozenset()
+
+# Settings that are booleans wherever they appear (also in nested blocks no ``_target_`` types,
+# such as a generation backend's options): a string like "false" is never accepted for them.
+BOOL_NAMES = frozenset({"trust_remote_code", "overwrite", "progress", "force", "linear_only", "rescale",
+                        "weighted_election", "normalize_fisher", "regression", "enabled"})
 
 
 def _groups(config_dir: str) -> list[str]:
@@ -143,6 +160,11 @@ def check_types(cfg: Any, defaults: Any, prefix: str = "") -> None:
             kv, kd = _kind(cfg[key]), _kind(defaults[key])
         except Exception:  # noqa: BLE001
             continue
+        if kv == "none" and kd in ("bool", "int", "float") and full not in NULLABLE:
+            raise OverrideError(f"{full}=null: expected {_EXPECT[kd]} (default {_show(defaults[key])}); "
+                                f"null is not a value of this setting")
+        if kv == "float" and math.isnan(cfg[key]):
+            raise OverrideError(f"{full}=nan: expected {_EXPECT.get(kd, 'a number')}, not NaN (default {_show(defaults[key])})")
         if kd in ("none",) or kv == "none" or kd not in _ALLOWED:
             continue
         if kv not in _ALLOWED[kd]:
@@ -264,6 +286,208 @@ def _translate(exc: BaseException, variant: Sequence[str], config_dir: str, comp
             first += f" ({str(cause).strip().splitlines()[0]})"
         return OverrideError(first)
     return None
+
+
+def check_settings(cfg: Any, prefix: str = "") -> None:
+    """Typed settings wherever they are: a :data:`BOOL_NAMES` key holds true, false or null
+    (never a string such as ``"false"``), and no number is NaN. Raises :class:`OverrideError`
+    naming the key as written on the command line (``taskpool.backend.hf.trust_remote_code``)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(cfg, ListConfig):
+        for i, item in enumerate(cfg):
+            check_settings(item, f"{prefix}{i}.")
+        return
+    if not isinstance(cfg, DictConfig):
+        return
+    for key in cfg.keys():
+        if key == "hydra" or OmegaConf.is_interpolation(cfg, key) or OmegaConf.is_missing(cfg, key):
+            continue
+        try:
+            value = cfg[key]
+        except Exception:  # noqa: BLE001 - an unresolvable value is the run's to report
+            continue
+        full = f"{prefix}{key}"
+        if str(key) in BOOL_NAMES and value is not None and not isinstance(value, (bool, DictConfig)):
+            raise OverrideError(f"{full}={_show(value)}: expected true or false, got a {_kind(value)} "
+                                f"(a string is never a boolean)")
+        if isinstance(value, float) and math.isnan(value):
+            raise OverrideError(f"{full}=nan: expected a number, not NaN")
+        if isinstance(value, (DictConfig, ListConfig)):
+            check_settings(value, f"{full}.")
+
+
+def _root_error(exc: BaseException) -> BaseException:
+    """The user's error inside ``exc`` (Hydra wraps errors raised by ``_target_`` calls)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (ValueError, OSError, TypeError, KeyError)) and type(seen).__module__ != "hydra.errors":
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return exc
+
+
+def _line(exc: BaseException) -> str:
+    err = _root_error(exc)
+    if isinstance(err, OSError) and err.errno is not None and err.filename is not None:
+        return f"{err.strerror}: {err.filename}"
+    msg = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(msg.split())
+
+
+def _no_op_preflight(obj: Any) -> bool:
+    fn = getattr(obj, "preflight", None)
+    if fn is None:
+        return True
+    from dare_lab.taskpool.base import TaskPool
+
+    return getattr(fn, "__func__", fn) is TaskPool.preflight
+
+
+_PLAIN_POOL = "dare_lab.engine.pool.ModelPool"
+
+
+def preflight_job(cfg: Any, cache: dict | None = None) -> None:
+    """Check one job's inputs without any heavy step; raise ValueError/OSError (one line) on a bad one.
+
+    - the method builds (every value in range, none without effect on the chosen method);
+    - a plain model pool's base and models open (local dir or offline-cached hub id, headers parse);
+    - the taskpool's own :meth:`~dare_lab.taskpool.base.TaskPool.preflight`: data files exist and
+      parse with the right schema, hub datasets are available offline, label counts match heads.
+
+    Packaged pools that build their models on first use are not built here; their taskpool is
+    checked without a pool (data only). ``cache`` dedupes identical sections across a sweep.
+    """
+    from hydra.utils import instantiate
+    from omegaconf import DictConfig, OmegaConf
+
+    cache = {} if cache is None else cache
+    check_settings(cfg)
+
+    def key(*sections: str) -> str:
+        return json.dumps([OmegaConf.to_container(cfg[s], resolve=True) if isinstance(cfg.get(s), DictConfig) else None
+                           for s in sections], sort_keys=True, default=str)
+
+    method = cfg.get("method")
+    if isinstance(method, DictConfig) and "_target_" in method:
+        k = ("method", key("method"))
+        if k not in cache:
+            instantiate(method, _convert_="all")
+            cache[k] = True
+    pool = None
+    mp = cfg.get("modelpool")
+    if isinstance(mp, DictConfig) and mp.get("_target_") == _PLAIN_POOL:
+        k = ("pool", key("modelpool"))
+        if k not in cache:
+            from dare_lab.engine.sources import CheckpointReader
+
+            pool = instantiate(mp, _convert_="all")
+            CheckpointReader(pool.base, label="base")
+            for name, ref in pool.models.items():
+                CheckpointReader(ref, label=name)
+            cache[k] = pool
+        pool = cache[k]
+    tp = cfg.get("taskpool")
+    if isinstance(tp, DictConfig) and tp.get("_target_"):
+        try:
+            cls = _target_callable(tp["_target_"])
+        except Exception:  # noqa: BLE001 - an unimportable target is reported by the run itself
+            return
+        if _no_op_preflight(cls):
+            return
+        k = ("taskpool", key("taskpool", "modelpool"))
+        if k not in cache:
+            taskpool = instantiate(tp, _convert_="all")
+            taskpool.preflight(pool)
+            cache[k] = True
+
+
+_MAX_JOBS = 256
+
+
+def _jobs(overrides: Sequence[str], groups: set[str]) -> list[tuple[list[str], list[tuple[str, bool, Any]], str]]:
+    """Every job of a sweep as (overrides to compose, plain-key values to set, label); the full
+    cartesian product up to :data:`_MAX_JOBS` jobs, else each value of each sweep once."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    axes: list[list[tuple[str | None, tuple[str, bool, Any] | None, str]]] = []
+    for o in parsed:
+        if not o.is_sweep_override():
+            axes.append([(o.input_line, None, "")])
+            continue
+        prefix = o.input_line[: len(o.input_line) - len(o.input_line.lstrip("+~"))]
+        strings = list(o.sweep_string_iterator())
+        if not strings:
+            raise OverrideError(f"sweep override {o.input_line!r} has no values")
+        if o.key_or_group in groups or o.key_or_group.startswith("hydra"):
+            axes.append([(f"{prefix}{o.key_or_group}={v}", None, f"{o.key_or_group}={v}") for v in strings])
+        else:
+            values = list(o.sweep_iterator())
+            axes.append([(f"{prefix}{o.key_or_group}={strings[0]}", None if i == 0 else (o.key_or_group, o.is_add(), v),
+                          f"{o.key_or_group}={strings[i]}") for i, v in enumerate(values)])
+    total = math.prod(len(a) for a in axes)
+    if total <= _MAX_JOBS:
+        combos = list(itertools.product(*axes))
+    else:  # each value once, the others at their first value
+        combos = [tuple(a[0] for a in axes)]
+        for i, a in enumerate(axes):
+            for choice in a[1:]:
+                combos.append(tuple(choice if j == i else b[0] for j, b in enumerate(axes)))
+    multi = total > 1
+    out = []
+    for n, combo in enumerate(combos):
+        compose_with = [c[0] for c in combo]
+        values = [c[1] for c in combo if c[1] is not None]
+        label = " ".join(c[2] for c in combo if c[2])
+        out.append((compose_with, values, f"job {n} ({label})" if multi and total <= _MAX_JOBS else
+                    (f"sweep value ({label})" if multi else "")))
+    return out
+
+
+def preflight_overrides(overrides: Sequence[str], config_name: str = "config", config_dir: str = CONFIG_DIR) -> int:
+    """Compose every job of ``overrides`` (a run: one job; a sweep: all of them) and check each
+    job's inputs with :func:`preflight_job` before any job starts. Raises :class:`PreflightError`
+    naming the job; returns the number of jobs checked. Call after :func:`check_overrides`."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf, open_dict
+
+    GlobalHydra.instance().clear()
+    n = 0
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            composed: dict[tuple[str, ...], Any] = {}
+            cache: dict = {}
+            for compose_with, values, label in _jobs(overrides, set(_groups(config_dir))):
+                base_key = tuple(compose_with)
+                if base_key not in composed:
+                    try:
+                        composed[base_key] = hydra_compose(config_name, overrides=list(compose_with))
+                    except Exception:  # noqa: BLE001 - composition problems are check_overrides' / Hydra's
+                        return n
+                cfg = composed[base_key].copy()
+                for k, is_add, v in values:
+                    with open_dict(cfg):
+                        OmegaConf.update(cfg, k, v, merge=False, force_add=is_add)
+                with open_dict(cfg):
+                    cfg.pop("hydra", None)
+                try:
+                    preflight_job(cfg, cache)
+                except (ValueError, OSError, TypeError, KeyError) as exc:
+                    where = f"{label}: " if label else ""
+                    raise PreflightError(f"{where}{_line(exc)}") from None
+                except Exception as exc:  # noqa: BLE001 - Hydra's instantiate wraps the target's error
+                    root = _root_error(exc)
+                    if root is exc:
+                        raise
+                    where = f"{label}: " if label else ""
+                    raise PreflightError(f"{where}{_line(root)}") from None
+                n += 1
+    finally:
+        GlobalHydra.instance().clear()
+    return n
 
 
 def check_overrides(overrides: Sequence[str], config_name: str = "config", config_dir: str = CONFIG_DIR) -> None:

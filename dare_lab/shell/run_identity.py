@@ -5,7 +5,8 @@ keys that cannot change its results removed (:data:`NOT_IDENTITY`: the ``output`
 the resume switches, the tracker, the experiment label, the thread count — merges are
 bit-identical across thread counts — and Hydra's own node; and :data:`NOT_IDENTITY_NAMES`
 anywhere: ``output_dir``, ``work_dir``, ``cache_dir``, ``log_dir``). Seeds, input model
-references and every other knob are part of it.
+references and every other knob are part of it, and so is the listing order of the pool's
+models (:func:`order_aware`: per-model weights and scaling terms are positional).
 
 The registry is a directory of complete runs, one entry per identity::
 
@@ -130,7 +131,31 @@ def identity_payload(cfg: Any) -> dict:
             return [prune(v) for v in o]
         return o
 
-    return prune(d)
+    return order_aware(prune(d))
+
+
+# Where a pool's listing order is kept in the identity: the model mapping of a pool node.
+POOL_SECTIONS = ("modelpool",)
+
+
+def order_aware(payload: dict) -> dict:
+    """Keep the listing order of the pool's models in the identity.
+
+    The identity is hashed as canonical JSON with sorted keys, which would forget the order of
+    ``modelpool.models``; but settings such as ``method.weights`` (a list) and the scaling
+    terms of data-aware methods are positional — the k-th value belongs to the k-th model —
+    so the same pool listed in another order can give a different merge. The models are
+    therefore written as an ordered list of ``[name, reference]`` pairs. Identities of two
+    listings differ even where the results happen to agree (a needless rerun, never a reuse
+    of a result that differs).
+    """
+    for section in POOL_SECTIONS:
+        node = payload.get(section)
+        if isinstance(node, dict) and isinstance(node.get("models"), Mapping):
+            node = dict(node)
+            node["models"] = {"__ordered__": [[str(k), v] for k, v in node["models"].items()]}
+            payload = {**payload, section: node}
+    return payload
 
 
 def run_id(cfg: Any) -> str:

@@ -147,18 +147,38 @@ def _read_rows(path: Path) -> list[dict]:
         with open(path, newline="", encoding="utf-8", errors="replace") as fh:
             return list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
     if suffix in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"data file {path} is not UTF-8 text") from None
         if suffix == ".json" and text.lstrip().startswith("["):
-            return list(json.loads(text))
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+            for i, row in enumerate(rows):
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}: row {i} is a JSON {_json_kind(row)}, expected an object "
+                                     f"of columns (a list of {{\"text\": ..., \"label\": ...}} records)")
+            return rows
         rows = []
         for i, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError:
                     raise ValueError(f"{path}:{i}: not valid JSON") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{i}: a JSON {_json_kind(row)}, expected an object of columns "
+                                     f"(one {{\"text\": ..., \"label\": ...}} record per line)")
+                rows.append(row)
         return rows
     raise ValueError(f"unsupported data file type {suffix!r} for {path}; use .csv, .tsv, .jsonl or .json")
+
+
+def _json_kind(x: Any) -> str:
+    return {list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(x), type(x).__name__)
 
 
 def _load_hub_rows(spec: TaskSpec, split: str) -> list[dict]:
@@ -177,8 +197,13 @@ def _rows_to_examples(spec: TaskSpec, rows: list[dict], where: str) -> Examples:
         raise ValueError(f"task {spec.name!r}: {where} holds no rows")
     cols = [spec.text_column, spec.label_column] + ([spec.text_pair_column] if spec.text_pair_column else [])
     for c in cols:
-        if c not in rows[0]:
-            raise ValueError(f"task {spec.name!r}: column {c!r} not found in {where}; columns are {sorted(rows[0])}")
+        for i, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                raise ValueError(f"task {spec.name!r}: row {i} of {where} is not a record of columns")
+            if c not in row:
+                first = "" if i == 0 else f" (row {i})"
+                raise ValueError(f"task {spec.name!r}: column {c!r} not found in {where}{first}; "
+                                 f"columns are {sorted(map(str, row))}")
     texts = [str(r[spec.text_column]) for r in rows]
     pairs = [str(r[spec.text_pair_column]) for r in rows] if spec.text_pair_column else None
     raw = [r[spec.label_column] for r in rows]
@@ -308,6 +333,29 @@ def encode_batches(tokenizer, ex: Examples, max_length: int, batch_size: int) ->
     return batches, order
 
 
+def head_labels(ref: str) -> int:
+    """The label count of a classifier checkpoint, from its ``config.json`` (no weights loaded)."""
+    from dare_lab.engine.sources import resolve_model_dir
+
+    cfg_file = resolve_model_dir(ref) / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"model {ref!r} has no config.json (needed for its task head)")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"model {ref!r}: config.json is not valid JSON") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"model {ref!r}: config.json holds a JSON {_json_kind(cfg)}, expected an object")
+    n = cfg.get("num_labels")
+    if n is None and isinstance(cfg.get("id2label"), dict):
+        n = len(cfg["id2label"])
+    if n is None:
+        n = 2  # transformers' default head
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"model {ref!r}: config.json num_labels={n!r} is not a positive integer")
+    return n
+
+
 # ----------------------------------------------------------------------------- taskpools
 
 
@@ -388,6 +436,32 @@ class ClassificationTaskPool:
             self._task_models[key]._dare_lab_path = path  # type: ignore[attr-defined]
         model = self._task_models[key]
         return model, model._dare_lab_path  # type: ignore[attr-defined]
+
+    # -- checks before the merge
+    def preflight(self, pool: ModelPool | None) -> None:
+        """Load and check every split :meth:`evaluate` will score (files exist and parse, the
+        columns and labels match the spec, hub datasets are available offline) and, with a pool,
+        that each task's head model is in it and its label count fits the task. Raises
+        ValueError / FileNotFoundError naming the task. Loaded rows are kept for ``evaluate``."""
+        for task in self.tasks:
+            for split in (self.split, *self.also_splits):
+                ex = self.examples(task) if split == self.split else self.with_split(split).examples(task)
+                if pool is not None:
+                    self._check_head(task, pool, ex, split)
+
+    def _check_head(self, task: TaskSpec, pool: ModelPool, ex: Examples, split: str) -> None:
+        if task.head_model not in pool.models:
+            raise ValueError(f"task {task.name!r}: model pool has no model {task.head_model!r} to take its head from "
+                             f"(pool models: {sorted(pool.models)}); set the task's `model`")
+        ref = pool.models[task.head_model]
+        n = head_labels(ref)
+        if task.num_labels is not None and n != task.num_labels:
+            raise ValueError(f"task {task.name!r} has {task.num_labels} labels but model {ref!r} has a {n}-way head")
+        if not task.regression and ex.labels:
+            top = max(int(y) for y in ex.labels)
+            if top >= n or min(int(y) for y in ex.labels) < 0:
+                raise ValueError(f"task {task.name!r}: label id {top} in its {split} data does not fit "
+                                 f"the {n}-way head of model {ref!r}")
 
     # -- scoring
     def score(self, model: torch.nn.Module, task: TaskSpec, tokenizer_dir: str) -> dict[str, float]:

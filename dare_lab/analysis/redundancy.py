@@ -25,16 +25,21 @@ from typing import Any
 import numpy as np
 
 from dare_lab.engine.pool import ModelPool
-from dare_lab.ops.method import MergeMethod, Merger, Sparsifier
+from dare_lab.ops.method import DETERMINISTIC_KINDS, MergeMethod, Merger, Sparsifier
 
 DROP_RATES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99)
 METHODS = ("dare", "drop_only", "magnitude")
-DETERMINISTIC = ("magnitude", "none")
+DETERMINISTIC = DETERMINISTIC_KINDS    # none, magnitude, breadcrumbs: one seed is enough
 
 
-def single_model_method(kind: str, p: float, seed: int = 0, target: str = "delta", rescale: bool = False) -> MergeMethod:
-    """Task arithmetic with λ = 1 over a one-model pool: θ_PRE + S(δ) (or S(θ_SFT) for target=finetuned)."""
-    sp = Sparsifier(kind=kind if p > 0 else "none", drop_rate=float(p), rescale=bool(rescale), target=target)
+def single_model_method(kind: str, p: float, seed: int = 0, target: str = "delta", rescale: bool = False,
+                        knobs: Mapping[str, Any] | None = None) -> MergeMethod:
+    """Task arithmetic with λ = 1 over a one-model pool: θ_PRE + S(δ) (or S(θ_SFT) for target=finetuned).
+
+    ``knobs``: the sparsifier's own knobs (della: epsilon, rank_scope; breadcrumbs: gamma; darex:
+    rescale_q), used for p > 0; unset ones take their defaults (:class:`Sparsifier`)."""
+    extra = dict(knobs or {}) if p > 0 else {}
+    sp = Sparsifier(kind=kind if p > 0 else "none", drop_rate=float(p), rescale=bool(rescale), target=target, **extra)
     return MergeMethod(name=f"{kind}_p{p:g}", sparsifier=sp, merger=Merger("task_arithmetic", scaling=1.0), seed=int(seed))
 
 
@@ -98,8 +103,11 @@ def evaluate_state(taskpool: Any, state: dict, pool: ModelPool, work_dir: Path, 
 def redundancy_curves(pool: ModelPool, taskpool: Any, methods: Sequence[str] = METHODS,
                       drop_rates: Sequence[float] = DROP_RATES, seeds: Sequence[int] = (0, 1, 2), target: str = "delta",
                       scope: Any = None, models: Sequence[str] | None = None, rescale_mp: bool = False,
-                      work_dir: str | Path | None = None, log: Callable[[str], None] | None = print) -> list[dict[str, Any]]:
-    """Raw rows ``{model, metric, method, p, seed, value}``, one per (evaluation, metric)."""
+                      work_dir: str | Path | None = None, log: Callable[[str], None] | None = print,
+                      knobs: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Raw rows ``{model, metric, method, p, seed, value}``, one per (evaluation, metric).
+
+    ``knobs``: per sparsifier kind, its own knobs (e.g. ``{"della": {"epsilon": 0.005}}``)."""
     drop_rates = [float(p) for p in drop_rates]
     seeds = [int(s) for s in seeds] or [0]
     names = list(models) if models else list(pool.models)
@@ -116,7 +124,8 @@ def redundancy_curves(pool: ModelPool, taskpool: Any, methods: Sequence[str] = M
         def score(kind: str, p: float, seed: int) -> dict[str, float]:
             key = ("none", 0.0, 0) if p == 0.0 else (kind, p, seed)
             if key not in cache:
-                method = single_model_method(kind, p, seed, target, rescale_mp and kind == "magnitude")
+                method = single_model_method(kind, p, seed, target, rescale_mp and kind == "magnitude",
+                                             (knobs or {}).get(kind))
                 state = sparsified_state(pool.base, ref, name, method, scope)
                 cache[key] = evaluate_state(tp, state, sp, work, f"{name}-{kind}-{p:g}-{seed}", pool.base, ref, method, scope)
                 del state

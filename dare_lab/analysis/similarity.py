@@ -144,7 +144,8 @@ def task_texts(taskpool: Any, model_name: str, n: int = 256) -> list[str]:
 def embedding_similarity(pool: Any, model_name: str, texts: Sequence[str], methods: Sequence[str] = ("dare", "drop_only"),
                          drop_rates: Sequence[float] = (0.0, 0.1, 0.5, 0.9, 0.99), seeds: Sequence[int] = (0,),
                          target: str = "delta", scope: Any = None, batch_size: int = 16, max_length: int = 128,
-                         device: str = "cpu", log: Any = print) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+                         device: str = "cpu", log: Any = print,
+                         knobs: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """Per-layer mean cosine similarity between ``model_name`` and its sparsified versions.
 
     Returns ``rows`` ({model, method, p, seed, layer, mean_cos, min_cos, n_tokens}) and the
@@ -170,7 +171,8 @@ def embedding_similarity(pool: Any, model_name: str, texts: Sequence[str], metho
                 variant = copy.deepcopy(ref_model)
                 if p > 0.0:
                     state = sparsified_state(pool.base, pool.models[model_name], model_name,
-                                             single_model_method(kind, p, int(seed), target), scope)
+                                             single_model_method(kind, p, int(seed), target,
+                                                                 knobs=(knobs or {}).get(kind)), scope)
                     if load_body_state(variant, state) == 0:
                         raise ValueError(f"no sparsified tensor matches the parameters of {model_name!r}")
                     del state

@@ -112,7 +112,7 @@ def _merge_one(plan: TensorPlan, base: TensorSource, models: Mapping[str, Tensor
     chunk, output chunks ``pwrite``-n in place); a NaN/Inf anywhere sends the tensor back through
     :func:`_merge_one_reference`, which raises the documented error.
     """
-    if not (_FAST and plan.merge and getattr(method, "streamable", True)):  # per-model/tensor knobs: reference path
+    if not (_FAST and plan.merge and getattr(method, "streamable", True) and method.sparsifier.streamed):  # per-model/tensor knobs: reference path
         t = _merge_one_reference(plan, base, models, method, dtype, out_dtype)
         if writer is None:
             return t

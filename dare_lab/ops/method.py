@@ -22,9 +22,17 @@ import torch
 
 from dare_lab.ops import merge as mergers
 from dare_lab.ops.seeding import tensor_generator
-from dare_lab.ops.sparsify import SAMPLERS, check_drop_rate, dare, magnitude_prune
+from dare_lab.ops.sparsify import (RANK_SCOPES, SAMPLERS, breadcrumbs, check_della_epsilon, check_drop_rate,
+                                   check_gamma, check_rescale_q, dare, darex, della, magnitude_prune)
 
-SPARSIFIERS = ("none", "dare", "drop_only", "magnitude")
+SPARSIFIERS = ("none", "dare", "drop_only", "magnitude", "della", "breadcrumbs", "darex")
+STREAMED_KINDS = ("none", "dare", "drop_only", "magnitude")
+"""Sparsifiers the engine's chunked fast path implements; any other kind runs through its
+whole-tensor reference path (``engine/merge.py: _merge_one_reference``), same per-tensor seeds."""
+DETERMINISTIC_KINDS = ("none", "magnitude", "breadcrumbs")
+"""Sparsifiers that draw no random numbers (one seed is enough in the analyses)."""
+DEFAULT_GAMMA = 0.01
+"""Breadcrumbs' default outlier fraction γ (mergekit's default)."""
 MERGERS = ("average", "task_arithmetic", "ties")
 TARGETS = ("delta", "finetuned")
 
@@ -33,9 +41,17 @@ TARGETS = ("delta", "finetuned")
 class Sparsifier:
     """Which entries of each model's delta survive.
 
-    kind: none | dare (×1/(1−p)) | drop_only (no rescale) | magnitude (MP, exact count).
-    drop_rate: p. rescale: only read for ``magnitude`` (DARE always, DropOnly never rescales).
+    kind: none | dare (×1/(1−p)) | drop_only (no rescale) | magnitude (MP, exact count)
+    | della (MagPrune: keep probabilities (1−p) ± ε by magnitude rank, ×1/(1−p_i))
+    | breadcrumbs (drop the top-γ outliers and the smallest |δ|, keep ⌈(1−p)n⌉)
+    | darex (DARE's mask, ×1/q). Formulas: :mod:`dare_lab.ops.sparsify`.
+    drop_rate: p. rescale: only read for ``magnitude`` and ``breadcrumbs`` (DARE and DELLA
+    always, DropOnly never rescales; DAREx rescales by 1/q).
     target: delta (default) or finetuned (paper §4.7).
+    epsilon: DELLA's ε (None: ½·min(p, 1−p), the middle of its valid range); rank_scope: DELLA
+    ranks per ``tensor`` (default) or per ``row``. gamma: Breadcrumbs' γ (None: 0.01).
+    rescale_q: DAREx's q — a number in [1−p, 1], ``"auto"`` / None (per-tensor data-free rule,
+    :func:`dare_lab.ops.sparsify.darex_auto_q`), or a mapping model name → number or "auto".
     """
 
     kind: str = "none"
@@ -43,6 +59,10 @@ class Sparsifier:
     rescale: bool = False
     target: str = "delta"
     sampler: str = "torch_rand"
+    epsilon: float | None = None
+    gamma: float | None = None
+    rescale_q: float | str | Mapping[str, float | str] | None = None
+    rank_scope: str = "tensor"
 
     def __post_init__(self) -> None:
         if self.kind not in SPARSIFIERS:
@@ -53,10 +73,60 @@ class Sparsifier:
             raise ValueError(f"unknown mask sampler {self.sampler!r}; choose one of {SAMPLERS}")
         if self.kind != "none":
             check_drop_rate(self.drop_rate, self.rescales)
+        for knob, kind, unset in (("epsilon", "della", None), ("rank_scope", "della", "tensor"),
+                                  ("gamma", "breadcrumbs", None), ("rescale_q", "darex", None)):
+            if getattr(self, knob) != unset and self.kind != kind:
+                raise ValueError(f"{knob}={getattr(self, knob)!r} applies only to sparsifier={kind}, not {self.kind}")
+        if self.kind == "della":
+            if self.rank_scope not in RANK_SCOPES:
+                raise ValueError(f"unknown DELLA rank_scope {self.rank_scope!r}; choose one of {RANK_SCOPES}")
+            if self.sampler != "torch_rand":
+                raise ValueError(f"sampler={self.sampler!r} is not available for sparsifier=della (torch_rand only)")
+            check_della_epsilon(self.drop_rate, self.della_epsilon)
+        if self.kind == "breadcrumbs":
+            check_gamma(self.outlier_fraction)
+        if self.kind == "darex":
+            qs = self.rescale_q.items() if isinstance(self.rescale_q, Mapping) else [(None, self.rescale_q)]
+            for model, q in qs:
+                if q is None or (isinstance(q, str) and q == "auto"):
+                    continue
+                if isinstance(q, (bool, str)):
+                    raise ValueError(f"DAREx rescale_q={q!r}" + (f" (model {model!r})" if model else "")
+                                     + " must be a number in [1-p, 1] or 'auto'")
+                try:
+                    check_rescale_q(q, self.drop_rate)
+                except ValueError as e:
+                    raise ValueError(f"{e}" + (f" (model {model!r})" if model else "")) from None
 
     @property
     def rescales(self) -> bool:
-        return self.kind == "dare" or (self.kind == "magnitude" and self.rescale)
+        return self.kind in ("dare", "della", "darex") or (self.kind in ("magnitude", "breadcrumbs") and self.rescale)
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the engine's chunked fast path implements this kind (:data:`STREAMED_KINDS`)."""
+        return self.kind in STREAMED_KINDS
+
+    @property
+    def della_epsilon(self) -> float:
+        """DELLA's ε: the given value, or ½·min(p, 1−p) when unset."""
+        if self.epsilon is not None:
+            return float(self.epsilon)
+        return 0.5 * min(float(self.drop_rate), 1.0 - float(self.drop_rate))
+
+    @property
+    def outlier_fraction(self) -> float:
+        """Breadcrumbs' γ: the given value, or :data:`DEFAULT_GAMMA` when unset."""
+        return DEFAULT_GAMMA if self.gamma is None else float(self.gamma)
+
+    def q_for(self, model: str) -> float | str:
+        """DAREx's q for one model: a number, or "auto" (per-tensor data-free rule)."""
+        q = self.rescale_q
+        if isinstance(q, Mapping):
+            if model not in q:
+                raise ValueError(f"DAREx rescale_q names no value for model {model!r} (it names {sorted(q)})")
+            q = q[model]
+        return "auto" if q is None or (isinstance(q, str) and q == "auto") else float(q)
 
     def apply(self, x: torch.Tensor, seed: int, model: str, tensor: str) -> torch.Tensor:
         """Sparsify one tensor of one model; the mask is seeded by (seed, model, tensor)."""
@@ -64,7 +134,13 @@ class Sparsifier:
             return x
         if self.kind == "magnitude":
             return magnitude_prune(x, self.drop_rate, rescale=self.rescale)
+        if self.kind == "breadcrumbs":
+            return breadcrumbs(x, self.drop_rate, self.outlier_fraction, rescale=self.rescale)
         gen = tensor_generator(seed, model, tensor, device=x.device)
+        if self.kind == "della":
+            return della(x, self.drop_rate, self.della_epsilon, gen, scope=self.rank_scope)
+        if self.kind == "darex":
+            return darex(x, self.drop_rate, gen, self.q_for(model), sampler=self.sampler)
         return dare(x, self.drop_rate, gen, rescale=self.kind == "dare", sampler=self.sampler)
 
 
@@ -80,7 +156,7 @@ class Merger:
     scaling: float = 1.0
     retain_ratio: float = 0.2
     merge_func: str = "mean"
-    weights: tuple[float, ...] | None = None
+    weights: tuple[float, ...] | Mapping[str, float] | None = None   # positional (pool order) or name-keyed
     weighted_election: bool = False
 
     def __post_init__(self) -> None:
@@ -114,13 +190,21 @@ class MergeMethod:
     def merge_tensor(self, tensor_name: str, base: torch.Tensor, finetuned: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Merge one tensor: ``finetuned`` maps model name → θ_k (same dtype/shape as ``base``)."""
         sp = self.sparsifier
+        merger = self.merger
+        if isinstance(merger.weights, Mapping):   # name-keyed weights: in the order of ``finetuned``
+            missing = [m for m in finetuned if m not in merger.weights]
+            if missing:
+                raise ValueError(f"no weight for model {missing[0]!r} (weights name {sorted(merger.weights)})")
+            from dataclasses import replace
+
+            merger = replace(merger, weights=tuple(float(merger.weights[m]) for m in finetuned))
         deltas = []
         for model, theta in finetuned.items():
             if sp.target == "finetuned":
                 deltas.append(sp.apply(theta, self.seed, model, tensor_name) - base)
             else:
                 deltas.append(sp.apply(theta - base, self.seed, model, tensor_name))
-        return self.merger.apply(base, deltas)
+        return merger.apply(base, deltas)
 
     def describe(self) -> dict[str, Any]:
         """Plain dict of every knob (for model cards and metadata)."""

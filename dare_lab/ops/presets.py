@@ -3,7 +3,14 @@
 Each knob, with its formula (δ_k = θ_k − θ_PRE, computed in float32):
 
 - ``sparsifier``: none | dare (keep w.p. 1−p, ×1/(1−p)) | drop_only (same mask, no rescale)
-  | magnitude (keep the ⌈(1−p)n⌉ largest |δ| per tensor; ×1/(1−p) only if ``rescale``).
+  | magnitude (keep the ⌈(1−p)n⌉ largest |δ| per tensor; ×1/(1−p) only if ``rescale``)
+  | della (keep w.p. (1−p) − ε + 2ε·r̃_i by normalised magnitude rank r̃_i, ×1/(1 − p_i))
+  | breadcrumbs (drop the top ⌊γn⌋ outliers and the smallest |δ|, keep ⌈(1−p)n⌉ per tensor)
+  | darex (DARE's mask, ×1/q instead of 1/(1−p)).
+- ``epsilon`` (della): ε ∈ [0, min(p, 1−p)), null = ½·min(p, 1−p). ``rank_scope`` (della):
+  tensor | row. ``gamma`` (breadcrumbs): outlier fraction γ ∈ [0, 1), null = 0.01.
+  ``rescale_q`` (darex): q ∈ [1−p, 1], ``auto`` (per-tensor data-free rule, default), or a
+  mapping model name → q.
 - ``drop_rate``: p, the fraction of delta entries dropped (not a density: density = 1−p).
 - ``target``: delta (default) or finetuned (paper §4.7: sparsify θ_k itself).
 - ``merger``: average (θ_PRE + mean_k δ̂_k) | task_arithmetic (θ_PRE + λ Σ_k w_k δ̂_k)
@@ -31,6 +38,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dare_ties": {"sparsifier": "dare", "merger": "ties"},
     "drop_only_task_arithmetic": {"sparsifier": "drop_only", "merger": "task_arithmetic"},
     "magnitude_task_arithmetic": {"sparsifier": "magnitude", "merger": "task_arithmetic"},
+    "della_task_arithmetic": {"sparsifier": "della", "merger": "task_arithmetic"},
+    "della_ties": {"sparsifier": "della", "merger": "ties"},
+    "breadcrumbs_task_arithmetic": {"sparsifier": "breadcrumbs", "merger": "task_arithmetic"},
+    "breadcrumbs_ties": {"sparsifier": "breadcrumbs", "merger": "ties"},
+    "darex_task_arithmetic": {"sparsifier": "darex", "merger": "task_arithmetic"},
+    "darex_ties": {"sparsifier": "darex", "merger": "ties"},
 }
 
 
@@ -49,6 +62,10 @@ def build_method(
     weighted_election: bool = False,
     seed: int = 0,
     overrides: Sequence[Mapping[str, Any]] | None = None,
+    epsilon: float | None = None,
+    gamma: float | None = None,
+    rescale_q: float | str | Mapping[str, float | str] | None = None,
+    rank_scope: str = "tensor",
 ) -> MergeMethod:
     """Build a :class:`MergeMethod` from a preset name plus plain overrides.
 
@@ -64,8 +81,12 @@ def build_method(
         drop_rate = 0.0 if sparsifier == "none" else 0.9
     if sparsifier == "none" and float(drop_rate) != 0.0:
         raise ValueError(f"drop_rate={drop_rate} has no effect with sparsifier=none (method {name!r}); use a dare_* method")
+    if isinstance(rescale_q, Mapping):   # name-keyed q (an OmegaConf DictConfig too)
+        rescale_q = {str(m): q for m, q in rescale_q.items()}
     sp = Sparsifier(kind=sparsifier, drop_rate=float(drop_rate),
-                    rescale=bool(rescale), target=target, sampler=sampler)
+                    rescale=bool(rescale), target=target, sampler=sampler,
+                    epsilon=None if epsilon is None else float(epsilon),
+                    gamma=None if gamma is None else float(gamma), rescale_q=rescale_q, rank_scope=str(rank_scope))
     mg = Merger(kind=merger, scaling=float(scaling), retain_ratio=float(retain_ratio), merge_func=merge_func,
                 weights=tuple(float(w) for w in weights) if weights is not None else None,
                 weighted_election=bool(weighted_election))

@@ -297,3 +297,187 @@ def magnitude_prune(delta: torch.Tensor, p: float, rescale: bool = False) -> tor
     keep = top_magnitude_mask(delta, keep_count(delta.numel(), p))
     kept = delta / (1.0 - p) if rescale else delta
     return torch.where(keep, kept, torch.zeros((), dtype=delta.dtype, device=delta.device))
+
+
+# ---------------------------------------------------------------------------------------------
+# Beyond the paper: DELLA (MagPrune), Model Breadcrumbs, DAREx-q
+# ---------------------------------------------------------------------------------------------
+
+RANK_SCOPES = ("tensor", "row")
+"""Where DELLA ranks magnitudes: ``tensor`` (one ranking over all entries, the default) or ``row``
+(each slice ``x[i]`` along the first dimension ranked on its own, mergekit's choice for 2-D)."""
+
+
+def check_della_epsilon(p: float, epsilon: float) -> float:
+    """Validate DELLA's spread ε at drop rate p: every keep probability (1−p) ± ε must lie in
+    (0, 1], i.e. 0 ≤ ε ≤ p and ε < 1 − p."""
+    try:
+        eps = float(epsilon)
+    except (TypeError, ValueError):
+        raise ValueError(f"DELLA epsilon must be a number, got {epsilon!r}") from None
+    p = float(p)
+    if math.isnan(eps) or math.isinf(eps) or eps < 0.0 or eps > p or Fraction(repr(eps)) >= 1 - Fraction(repr(p)):
+        raise ValueError(f"DELLA epsilon={eps} at p={p} must satisfy 0 <= epsilon <= p and epsilon < 1-p "
+                         f"(keep probabilities (1-p) +- epsilon in (0, 1])")
+    return eps
+
+
+def magnitude_rank_norm(x: torch.Tensor, scope: str = "tensor") -> torch.Tensor:
+    """Normalised magnitude rank r̃_i ∈ [0, 1] of every entry (float64, shape of ``x``).
+
+    Entries are ordered by |x| ascending, ties by flat index ascending (so of two equal
+    magnitudes the lower index ranks *lower*; the same order :func:`top_magnitude_mask` uses
+    to keep the lowest index first, read from the other end); r̃_i = r_i / (m − 1) with r_i ∈
+    {0, …, m−1} the position in that order within its group of m entries (the whole tensor,
+    or one row for ``scope="row"``). A group of one entry gets r̃ = 1/2.
+    """
+    if scope not in RANK_SCOPES:
+        raise ValueError(f"unknown DELLA rank scope {scope!r}; choose one of {RANK_SCOPES}")
+    rows = x.shape[0] if (scope == "row" and x.dim() >= 2) else 1
+    mag = x.detach().abs().reshape(rows, -1)
+    m = mag.shape[1]
+    if m == 1:
+        return torch.full(x.shape, 0.5, dtype=torch.float64, device=x.device)
+    order = torch.sort(mag, dim=1, stable=True).indices            # ascending |x|, ties: lower index first
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(m, device=x.device).expand(rows, m).contiguous())
+    return (ranks.to(torch.float64) / (m - 1)).reshape(x.shape)
+
+
+def della_drop_probabilities(x: torch.Tensor, p: float, epsilon: float, scope: str = "tensor") -> torch.Tensor:
+    """DELLA's per-entry drop probabilities p_i = p + ε − 2ε·r̃_i (float64, shape of ``x``):
+    keep probability 1 − p_i = (1−p) − ε + 2ε·r̃_i, from (1−p)−ε for the smallest |x| to
+    (1−p)+ε for the largest (r̃: :func:`magnitude_rank_norm`)."""
+    p = check_drop_rate(p, rescale=True)
+    eps = check_della_epsilon(p, epsilon)
+    if eps == 0.0:
+        return torch.full(x.shape, p, dtype=torch.float64, device=x.device)
+    return (p + eps) - (2.0 * eps) * magnitude_rank_norm(x, scope)
+
+
+def della(delta: torch.Tensor, p: float, epsilon: float, generator: torch.Generator,
+          rescale: bool = True, scope: str = "tensor") -> torch.Tensor:
+    """DELLA / MagPrune (Deep et al. 2024): magnitude-ranked drop probabilities around p.
+
+    ``della(δ, p, ε)_i = m_i · δ_i / (1 − p_i)``, ``m_i ~ Bernoulli(1 − p_i)``,
+    ``p_i = p + ε − 2ε·r̃_i`` with r̃_i ∈ [0, 1] the normalised magnitude rank (largest |δ|
+    kept most; ties: lower flat index ranks lower). The keep test is DARE's: ``u_i ≥ p_i`` with
+    ``u ~ torch.rand`` float32 from ``generator`` (p_i rounded to float32), so ε = 0 gives
+    DARE's mask and values bit for bit. Survivors are rescaled by their own 1/(1 − p_i) (the
+    paper's rescale; mergekit instead rescales the whole tensor to its L1 norm), ``rescale=False``
+    skips it. p ∈ [0, 1), ε ∈ [0, min(p, 1−p)); p = 0 returns δ itself.
+    """
+    p = check_drop_rate(p, rescale=True)
+    eps = check_della_epsilon(p, epsilon)
+    if p == 0.0:
+        return delta
+    if eps == 0.0:
+        return dare(delta, p, generator, rescale=rescale)
+    drop = della_drop_probabilities(delta, p, eps, scope)
+    u = torch.rand(delta.shape, generator=generator, dtype=torch.float32, device=generator.device)
+    mask = u >= drop.to(torch.float32)
+    kept = delta / (1.0 - drop).to(delta.dtype) if rescale else delta
+    return torch.where(mask, kept, torch.zeros((), dtype=delta.dtype, device=delta.device))
+
+
+def breadcrumbs_counts(n: int, p: float, gamma: float) -> tuple[int, int, int]:
+    """(outliers dropped from the top, entries kept, entries dropped from the bottom) for a
+    tensor of n entries: kept k = ⌈(1−p)·n⌉ (MP's count), top t = min(⌊γ·n⌋, n − k), bottom
+    n − k − t; computed exactly on the decimal p and γ."""
+    k = keep_count(n, p)
+    t = min(math.floor(Fraction(repr(float(gamma))) * n), n - k)
+    return t, k, n - k - t
+
+
+def check_gamma(gamma: float) -> float:
+    """Validate Breadcrumbs' outlier fraction γ ∈ [0, 1)."""
+    try:
+        g = float(gamma)
+    except (TypeError, ValueError):
+        raise ValueError(f"breadcrumbs gamma must be a number, got {gamma!r}") from None
+    if math.isnan(g) or not 0.0 <= g < 1.0:
+        raise ValueError(f"breadcrumbs gamma={g} is outside [0, 1)")
+    return g
+
+
+def breadcrumbs(delta: torch.Tensor, p: float, gamma: float, rescale: bool = False) -> torch.Tensor:
+    """Model Breadcrumbs (Davari & Belilovsky 2023): drop the largest-|δ| outliers *and* the
+    smallest |δ| of each tensor, keep the band in between.
+
+    Order the n entries by |δ| descending, ties by flat index ascending (MP's order). The first
+    t = min(⌊γ·n⌋, n − k) are outliers (dropped), the next k = ⌈(1−p)·n⌉ are kept, the remaining
+    n − k − t (smallest) are dropped: p is the total dropped fraction (density 1−p, as for every
+    sparsifier here), of which γ comes off the top. γ = 0 is MP exactly; p = 0 returns δ itself.
+    ``rescale=True`` adds ×1/(1−p) (the paper does not rescale; mergekit optionally restores the
+    L1 norm). Deterministic: no generator.
+    """
+    p = check_drop_rate(p, rescale)
+    g = check_gamma(gamma)
+    if p == 0.0:
+        return delta
+    t, k, _ = breadcrumbs_counts(delta.numel(), p, g)
+    keep = top_magnitude_mask(delta, t + k)
+    if t > 0:
+        keep &= ~top_magnitude_mask(delta, t)
+    kept = delta / (1.0 - p) if rescale else delta
+    return torch.where(keep, kept, torch.zeros((), dtype=delta.dtype, device=delta.device))
+
+
+def check_rescale_q(q: float, p: float) -> float:
+    """Validate a DAREx rescale q at drop rate p: 1 − p ≤ q ≤ 1 (rescale 1/q between no
+    rescale and DARE's 1/(1−p))."""
+    try:
+        q = float(q)
+    except (TypeError, ValueError):
+        raise ValueError(f"DAREx rescale_q must be a number or 'auto', got {q!r}") from None
+    p = float(p)
+    if math.isnan(q) or q > 1.0 or q <= 0.0 or Fraction(repr(q)) < 1 - Fraction(repr(p)):
+        raise ValueError(f"DAREx rescale_q={q} is outside [1-p, 1] = [{float(1 - Fraction(repr(p))):g}, 1] at p={p}")
+    return q
+
+
+def darex_auto_q(delta: torch.Tensor, p: float) -> float:
+    """dare_lab's data-free, per-tensor choice of DAREx's q (see :func:`darex`).
+
+    Treat the tensor as a linear map whose output i is row ``δ[i]`` (first dimension; a 1-D
+    tensor: each entry its own output) and feed it the constant input x = 1. Dropping with keep
+    probability c = 1 − p and rescaling by 1/q changes output i by h_i = Σ_j (m_ij/q − 1) δ_ij,
+    whose mean square over the mask is E‖h‖² = (c/q − 1)²·A + p·c/q²·B with A = Σ_i (Σ_j δ_ij)²
+    and B = Σ_ij δ_ij². Its minimiser over 1/q is q* = c + p·B/A, clipped to [1 − p, 1]
+    (A = 0: q = 1). Computed in float64; q* = 1 − p (DARE) when rows are coherent (A ≫ B),
+    q* → 1 (DropOnly) when row sums cancel (A ≲ B).
+    """
+    p = float(p)
+    c = 1.0 - p
+    if p == 0.0:
+        return 1.0
+    d = delta.detach().to(torch.float64)
+    rows = d.reshape(d.shape[0], -1) if d.dim() >= 2 else d.reshape(-1, 1)
+    a = float(rows.sum(dim=1).square().sum())
+    b = float(rows.square().sum())
+    if a == 0.0 or not math.isfinite(a) or not math.isfinite(b):
+        return 1.0
+    return min(1.0, max(float(1 - Fraction(repr(p))), c + p * b / a))
+
+
+def darex(delta: torch.Tensor, p: float, generator: torch.Generator, q: float | str = "auto",
+          sampler: str = "torch_rand") -> torch.Tensor:
+    """DAREx-q (Deng et al. 2024, "DARE the Extreme"): DARE's mask, survivors rescaled by 1/q
+    instead of 1/(1 − p).
+
+    ``darex(δ, p, q)_i = m_i · δ_i / q`` with DARE's mask ``m_i ~ Bernoulli(1 − p)`` (same
+    generator, same draws: q = 1 − p is DARE bit for bit, q = 1 is DropOnly). ``q`` is a number
+    in [1 − p, 1] or ``"auto"``: :func:`darex_auto_q`, a closed-form per-tensor stand-in for the
+    paper's choice of q (the paper picks q on a validation set, or as the q minimising the
+    change of the model's last-layer outputs on a batch of unlabeled inputs; here the "input" is
+    the constant vector and the "layer" the tensor itself, so no data is needed). p ∈ [0, 1);
+    p = 0 returns δ itself.
+    """
+    p = check_drop_rate(p, rescale=True)
+    if p == 0.0:
+        return delta
+    qv = darex_auto_q(delta, p) if (isinstance(q, str) and q == "auto") else check_rescale_q(q, p)
+    mask = keep_mask(delta.shape, p, generator, sampler)
+    is_dare = Fraction(repr(qv)) == 1 - Fraction(repr(p))     # q = 1 − p on the decimals: DARE's own division
+    kept = delta / (1.0 - p) if is_dare else (delta if qv == 1.0 else delta / qv)
+    return torch.where(mask, kept, torch.zeros((), dtype=delta.dtype, device=delta.device))

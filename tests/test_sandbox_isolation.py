@@ -197,9 +197,12 @@ def test_host_files_are_absent(sb):
 def test_system_dirs_are_read_only_and_uid_is_dropped(sb):
     code = ("import os\nfor d in ('/usr', '/etc', '/', os.path.dirname(os.__file__)):\n    try:\n"
             "        open(os.path.join(d, 'x_probe'), 'w')\n        print('WRITABLE', d)\n    except OSError:\n"
-            "        pass\nprint('UID', os.getuid())\n")
+            "        pass\nprint('UID', os.getuid())\n"
+            "print([l for l in open('/proc/self/status').read().splitlines() if l.startswith(('CapEff', 'CapBnd', 'NoNewPrivs'))])\n")
     r = sb.run(code)
     assert r.passed and "WRITABLE" not in r.stdout, r.stdout + r.stderr
+    assert "'CapEff:\\t0000000000000000'" in r.stdout and "'CapBnd:\\t0000000000000000'" in r.stdout, r.stdout
+    assert "'NoNewPrivs:\\t1'" in r.stdout, r.stdout
     if os.geteuid() == 0:
         assert "UID 0" not in r.stdout
 
@@ -211,3 +214,51 @@ def test_concurrent_programs_do_not_see_each_other(sb):
             f"print(len([x for x in os.listdir('/tmp') if x.startswith({tag!r})]))\n")
     res = sb.run_many([code] * 4, workers=4)
     assert all(r.passed and r.stdout.strip() == "1" for r in res), [r.stdout + r.stderr for r in res]
+
+
+def _world_python() -> str | None:
+    """An interpreter an unprivileged user can run (the venv's may live under a 0700 /root)."""
+    for p in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
+        real = os.path.realpath(p)
+        parts = Path(real).parents
+        if os.path.exists(real) and all(os.stat(d).st_mode & 0o001 for d in parts) and os.stat(real).st_mode & 0o001:
+            return real
+    return None
+
+
+def test_unprivileged_evaluator_gets_the_same_isolation_through_a_user_namespace(tmp_path):
+    """The non-root path (unshare --user --map-root-user): same root, no capabilities; or a one-line refusal."""
+    import shutil
+
+    py, setpriv = _world_python(), shutil.which("setpriv")
+    if os.geteuid() != 0 or py is None or setpriv is None:
+        pytest.skip("needs root (to switch to nobody), setpriv and an interpreter nobody can run")
+    src = Path(__file__).resolve().parent.parent / "dare_lab/taskpool/generation/code/sandbox.py"
+    base = Path(tempfile.mkdtemp(prefix="dare_sbx_nr_", dir="/tmp"))
+    try:
+        mod_dir = base / "a/b/c/d"
+        mod_dir.mkdir(parents=True)
+        shutil.copy(src, mod_dir / "sbx.py")
+        script = base / "probe.py"
+        script.write_text(
+            "import sys\nsys.path.insert(0, sys.argv[1])\nimport sbx\n"
+            "try:\n    sb = sbx.Sandbox(sbx.SandboxLimits(wall_s=8), isolation='namespace')\n"
+            "except RuntimeError as e:\n    print('REFUSED', e)\n    raise SystemExit(0)\n"
+            "r = sb.run(\"import os\\nprint('ROOT', sorted(os.listdir('/')))\\n"
+            "print([l for l in open('/proc/self/status').read().splitlines() if l.startswith('CapEff')])\\n\")\n"
+            "print('STATUS', r.status, r.stdout, r.stderr[-300:])\n"
+            "print('EXIT0', sb.run('import os\\nos._exit(0)\\n').status)\n")
+        for p in [base, *base.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        r = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", py, str(script), str(mod_dir)],
+                           capture_output=True, text=True, timeout=120, cwd=base,
+                           env={"PATH": "/usr/bin:/bin", "HOME": str(base), "TMPDIR": "/tmp"})
+        assert r.returncode == 0, r.stdout + r.stderr
+        if "REFUSED" in r.stdout:  # the kernel forbids it for unprivileged users: refused in one line
+            assert r.stdout.count("\n") == 1 and "unavailable here" in r.stdout, r.stdout
+            return
+        assert "STATUS passed" in r.stdout and "'CapEff:\\t0000000000000000'" in r.stdout, r.stdout + r.stderr
+        assert "'tmp'" in r.stdout and "'work'" not in r.stdout.split("ROOT")[1].split("\n")[0], r.stdout
+        assert "EXIT0 failed" in r.stdout, r.stdout
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

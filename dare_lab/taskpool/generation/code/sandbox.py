@@ -24,7 +24,8 @@ private tmpfs ``/tmp``, ``/var/tmp``, ``/dev/shm`` and working directory, a mini
 and its own ``/proc`` (only its own processes). Nothing else of the host file system exists
 there (no project, no ``$HOME``, no host unix sockets), the network namespace has only a
 downed loopback (no TCP/UDP, no abstract unix sockets of the host). As root the program
-also drops to an unprivileged uid (one per concurrent program) with ``no_new_privs``.
+also drops to an unprivileged uid (one per concurrent program); it runs with ``no_new_privs``
+and an empty capability bounding set (no capabilities, even as uid 0 of a user namespace).
 Where the kernel refuses any of this, ``isolation="namespace"`` raises a one-line error and
 ``auto`` falls back to ``rlimit`` with a warning naming what failed.
 
@@ -157,6 +158,11 @@ def _namespace(cfg):
         os.chown(cfg["workdir"], cfg["uid"], cfg["uid"])
     if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    # empty the capability bounding set: the program's interpreter, exec'd next (as uid 0 in a
+    # user namespace, or as the dropped uid), then holds no capability at all
+    for cap in range(64):
+        if libc.prctl(24, cap, 0, 0, 0) != 0 and ctypes.get_errno() != 22:  # PR_CAPBSET_DROP; EINVAL: no such cap
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP, %d)" % cap)
 
 
 def _reporter(nfd, rfd, n, boot, getframe, getpid, read, write, close):

@@ -122,3 +122,19 @@ def test_other_architectures_train_and_evaluate(arch, tmp_path):
 
     heads = [k for k in read_state_dict(tmp_path / "m") if is_head_key(k)]
     assert any("out_proj" in k for k in heads) and any("dense" in k for k in heads)
+
+
+def test_a_new_head_prints_no_load_report(polarity, tmp_path):
+    import subprocess
+    import sys
+
+    root, base, spec = polarity
+    code = ("import sys; from dare_lab.taskpool.classification import TaskSpec; from dare_lab.train.finetune import finetune; "
+            "spec = TaskSpec(name='three', files={'train': sys.argv[2], 'test': sys.argv[3]}, labels=['neg', 'pos', 'other'], "
+            "max_length=16); finetune(sys.argv[1], spec, sys.argv[4], dict(epochs=1, batch_size=16, progress=False)); "
+            "from transformers.utils import logging; print('verbosity', logging.get_verbosity())")
+    proc = subprocess.run([sys.executable, "-c", code, str(base), spec.files["train"], spec.files["test"], str(tmp_path / "m")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "LOAD REPORT" not in proc.stdout + proc.stderr and "MISMATCH" not in proc.stdout + proc.stderr  # base head: 2 labels
+    assert "verbosity 30" in proc.stdout  # WARNING again after the load

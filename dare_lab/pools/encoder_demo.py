@@ -121,7 +121,10 @@ def prepare_base(cache_dir: str | Path, base: str | None = None, seed: int = 0) 
         return out
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=2)
+    from dare_lab.train.finetune import quiet_transformers
+
+    with quiet_transformers():  # MiniLM has no head yet: a new one, no load report
+        model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=2)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(src).save_pretrained(out)
     (out / "dare_lab_base.json").write_text(json.dumps({"source": str(src), "seed": seed}))

@@ -15,12 +15,14 @@ a finished run, which later calls reuse). An interrupted run resumes from ``_che
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +89,23 @@ class FinetuneConfig:
             raise ValueError(f"unknown fine-tuning option(s) {bad}; known: {sorted(known)}")
         return cls(**obj)
 
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' load report and weight-loading bars off for a load whose differences are
+    intended (a new task head); warnings and errors after it are shown again."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 def _set_seed(seed: int) -> None:
     random.seed(seed)
@@ -168,8 +187,9 @@ def finetune(base: str | Path, task: TaskSpec | dict, out_dir: str | Path, confi
     if task.labels and not task.regression:
         kwargs["id2label"] = dict(enumerate(task.labels))
         kwargs["label2id"] = {n: i for i, n in enumerate(task.labels)}
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base_path, dtype=torch.float32, ignore_mismatched_sizes=True, **kwargs).to(device)  # a new head of the right size
+    with quiet_transformers():  # the head is replaced on purpose: no "MISMATCH … Reinit" load report
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base_path, dtype=torch.float32, ignore_mismatched_sizes=True, **kwargs).to(device)  # a new head of the right size
 
     enc = tok(train.texts, train.pairs, truncation=True, max_length=max_length) if train.pairs is not None else \
         tok(train.texts, truncation=True, max_length=max_length)

@@ -276,3 +276,32 @@ def test_engine_merge_equals_merge_tensor_per_tensor(tiny_bert_pool, preset):
         assert torch.equal(out[name], expect), name
         merged += 1
     assert merged > 10
+
+
+class _KeptShare:
+    """Scores a sparsified single model by the share of one weight's delta entries that survived."""
+
+    W = "bert.encoder.layer.0.intermediate.dense.weight"
+
+    def __init__(self, base_sd):
+        self.base = base_sd
+
+    def evaluate_state_dict(self, body, pool, label="m"):
+        (name,) = pool.models
+        return {f"{name}/kept": (body[self.W] != self.base[self.W]).double().mean().item()}
+
+
+def test_redundancy_curves_run_the_new_kinds(tiny_bert_pool, tmp_path):
+    from dare_lab.analysis.redundancy import redundancy_curves
+
+    pool = tiny_bert_pool
+    rows = redundancy_curves(pool, _KeptShare(_load(pool.base)), methods=("della", "breadcrumbs", "darex"),
+                             drop_rates=(0.0, 0.9, 0.99), seeds=(0, 1), models=["ft0"], work_dir=tmp_path, log=None,
+                             knobs={"della": {"epsilon": 0.005}, "breadcrumbs": {"gamma": 0.05}})
+    seeds = {(r["method"], r["p"]): sorted(x["seed"] for x in rows if (x["method"], x["p"]) == (r["method"], r["p"]))
+             for r in rows}
+    assert seeds[("breadcrumbs", 0.9)] == [0] and seeds[("della", 0.9)] == [0, 1] and seeds[("darex", 0.99)] == [0, 1]
+    kept = {(r["method"], r["p"], r["seed"]): r["value"] for r in rows}
+    assert kept[("breadcrumbs", 0.9, 0)] == pytest.approx(0.1, abs=1e-3)   # exact count ⌈0.1·n⌉ of n
+    assert 0.07 < kept[("della", 0.9, 0)] < 0.13 and 0.003 < kept[("darex", 0.99, 1)] < 0.02
+    assert kept[("della", 0.0, 0)] > 0.99                                   # p = 0 is the SFT model

@@ -102,6 +102,28 @@ def test_della_row_scope_ranks_each_row_alone():
     assert magnitude_rank_norm(x, "tensor").tolist() == [[0.0, 0.2, 0.4], [1.0, 0.8, 0.6]]
 
 
+def test_della_row_scope_mask_matches_per_row_reference():
+    torch.manual_seed(3)
+    x = torch.randn(6, 9)
+    p, eps = 0.7, 0.25
+    drop = torch.tensor([[p + eps - 2 * eps * r for r in ref_rank_norm(row.tolist())] for row in x], dtype=torch.float64)
+    u = torch.rand(x.shape, generator=tensor_generator(0, "m", "w"), dtype=torch.float32)
+    ref = torch.where(u >= drop.to(torch.float32), x / (1 - drop).to(torch.float32), torch.zeros(()))
+    assert torch.equal(della(x, p, eps, tensor_generator(0, "m", "w"), scope="row"), ref)
+
+
+def test_della_is_unbiased_per_entry():
+    x = torch.randn(40)
+    acc = torch.zeros(40, dtype=torch.float64)
+    n = 4000
+    for s in range(n):
+        acc += della(x, 0.8, 0.15, tensor_generator(s, "m", "w")).double()
+    # E[m_i / (1 − p_i)] = 1: the mean over seeds approaches δ (standard error ≈ |δ|·sqrt(p_i/(1−p_i)/n))
+    keep = 1 - della_drop_probabilities(x, 0.8, 0.15)
+    se = x.abs().double() * torch.sqrt((1 - keep) / keep / n)
+    assert bool(((acc / n - x.double()).abs() <= 5 * se + 1e-12).all())
+
+
 def test_della_epsilon_zero_is_dare_and_p_zero_is_identity():
     x = torch.randn(64, 33)
     for p in (0.3, 0.9):

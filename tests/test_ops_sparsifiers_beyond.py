@@ -78,7 +78,7 @@ def test_della_mask_and_rescale_match_the_written_out_reference():
     x = torch.randn(37, 23)
     x[0, :5] = 0.25                                  # ties
     for p, eps in ((0.5, 0.3), (0.9, 0.05), (0.99, 0.004)):
-        got = della(x, p, eps, tensor_generator(4, "math", "w"))
+        got = della(x, p, eps, tensor_generator(4, "math", "w"), scope="tensor")
         ref, keep, drop = ref_della(x, p, eps, 4, "math", "w")
         assert torch.equal(got != 0, keep)            # exact kept index set for this seed
         assert torch.equal(got, ref)
@@ -224,6 +224,7 @@ def test_darex_per_model_q_through_the_sparsifier():
     (dict(kind="della", drop_rate=0.9, epsilon=-0.01), r"epsilon=-0.01"),
     (dict(kind="della", drop_rate=1.0), r"outside \[0, 1\)"),
     (dict(kind="della", drop_rate=0.9, rank_scope="col"), r"rank_scope 'col'"),
+    (dict(kind="dare", drop_rate=0.9, rank_scope="tensor"), r"rank_scope='tensor' applies only to sparsifier=della"),
     (dict(kind="della", drop_rate=0.9, sampler="geometric"), r"not available for sparsifier=della"),
     (dict(kind="breadcrumbs", drop_rate=0.9, gamma=1.0), r"gamma=1.0 is outside \[0, 1\)"),
     (dict(kind="breadcrumbs", drop_rate=1.0, rescale=True), r"outside \[0, 1\)"),
@@ -255,6 +256,11 @@ def test_presets_defaults_and_p_zero_identity():
         assert zero.sparsifier.apply(x, 0, "a", "t") is x
     assert build_method("della_ties").sparsifier.della_epsilon == pytest.approx(0.05)
     assert build_method("breadcrumbs_ties").sparsifier.outlier_fraction == 0.01
+    assert build_method("della_ties").sparsifier.rank_scope == "row"          # the DELLA authors' della
+    # DELLA's own merge: elect + disjoint mean with no second trim; other TIES presets keep 0.2
+    assert build_method("della_ties").merger.retain_ratio == 1.0 == build_method("breadcrumbs_ties").merger.retain_ratio
+    assert build_method("dare_ties").merger.retain_ratio == 0.2 == build_method("darex_ties").merger.retain_ratio
+    assert build_method("della_ties", retain_ratio=0.3).merger.retain_ratio == 0.3
     assert build_method("darex_ties", drop_rate=0.99, rescale_q=0.02).sparsifier.q_for("x") == 0.02
 
 

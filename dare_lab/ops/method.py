@@ -49,7 +49,7 @@ class Sparsifier:
     always, DropOnly never rescales; DAREx rescales by 1/q).
     target: delta (default) or finetuned (paper §4.7).
     epsilon: DELLA's ε (None: ½·min(p, 1−p), the middle of its valid range); rank_scope: DELLA
-    ranks per ``tensor`` (default) or per ``row``. gamma: Breadcrumbs' γ (None: 0.01).
+    ranks per ``row`` (default, the authors' code) or per ``tensor``. gamma: Breadcrumbs' γ (None: 0.01).
     rescale_q: DAREx's q — a number in [1−p, 1], ``"auto"`` / None (per-tensor data-free rule,
     :func:`dare_lab.ops.sparsify.darex_auto_q`), or a mapping model name → number or "auto".
     """
@@ -62,7 +62,7 @@ class Sparsifier:
     epsilon: float | None = None
     gamma: float | None = None
     rescale_q: float | str | Mapping[str, float | str] | None = None
-    rank_scope: str = "tensor"
+    rank_scope: str = "row"
 
     def __post_init__(self) -> None:
         if self.kind not in SPARSIFIERS:
@@ -73,7 +73,7 @@ class Sparsifier:
             raise ValueError(f"unknown mask sampler {self.sampler!r}; choose one of {SAMPLERS}")
         if self.kind != "none":
             check_drop_rate(self.drop_rate, self.rescales)
-        for knob, kind, unset in (("epsilon", "della", None), ("rank_scope", "della", "tensor"),
+        for knob, kind, unset in (("epsilon", "della", None), ("rank_scope", "della", "row"),
                                   ("gamma", "breadcrumbs", None), ("rescale_q", "darex", None)):
             if getattr(self, knob) != unset and self.kind != kind:
                 raise ValueError(f"{knob}={getattr(self, knob)!r} applies only to sparsifier={kind}, not {self.kind}")

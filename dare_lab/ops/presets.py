@@ -8,14 +8,15 @@ Each knob, with its formula (δ_k = θ_k − θ_PRE, computed in float32):
   | breadcrumbs (drop the top ⌊γn⌋ outliers and the smallest |δ|, keep ⌈(1−p)n⌉ per tensor)
   | darex (DARE's mask, ×1/q instead of 1/(1−p)).
 - ``epsilon`` (della): ε ∈ [0, min(p, 1−p)), null = ½·min(p, 1−p). ``rank_scope`` (della):
-  tensor | row. ``gamma`` (breadcrumbs): outlier fraction γ ∈ [0, 1), null = 0.01.
+  row (default) | tensor. ``gamma`` (breadcrumbs): outlier fraction γ ∈ [0, 1), null = 0.01.
   ``rescale_q`` (darex): q ∈ [1−p, 1], ``auto`` (per-tensor data-free rule, default), or a
   mapping model name → q.
 - ``drop_rate``: p, the fraction of delta entries dropped (not a density: density = 1−p).
 - ``target``: delta (default) or finetuned (paper §4.7: sparsify θ_k itself).
 - ``merger``: average (θ_PRE + mean_k δ̂_k) | task_arithmetic (θ_PRE + λ Σ_k w_k δ̂_k)
   | ties (θ_PRE + λ · disjoint mean of the sign-agreeing, top-``retain_ratio`` entries).
-- ``scaling``: λ. ``retain_ratio``: TIES' k, the kept fraction of each tensor's |δ|.
+- ``scaling``: λ. ``retain_ratio``: TIES' k, the kept fraction of each tensor's |δ| (default 0.2;
+  1, no second trim, for della_ties and breadcrumbs_ties: their sparsifier is the trim, as in DELLA).
 - ``overrides``: per-model / per-tensor-pattern values of ``drop_rate``, ``weight``,
   ``retain_ratio`` and ``scaling`` (:mod:`dare_lab.ops.overrides`; later entries win).
 - ``weights``: optional per-model w_k (task arithmetic and TIES; never changes TIES' sign
@@ -39,9 +40,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "drop_only_task_arithmetic": {"sparsifier": "drop_only", "merger": "task_arithmetic"},
     "magnitude_task_arithmetic": {"sparsifier": "magnitude", "merger": "task_arithmetic"},
     "della_task_arithmetic": {"sparsifier": "della", "merger": "task_arithmetic"},
-    "della_ties": {"sparsifier": "della", "merger": "ties"},
+    "della_ties": {"sparsifier": "della", "merger": "ties", "retain_ratio": 1.0},
     "breadcrumbs_task_arithmetic": {"sparsifier": "breadcrumbs", "merger": "task_arithmetic"},
-    "breadcrumbs_ties": {"sparsifier": "breadcrumbs", "merger": "ties"},
+    "breadcrumbs_ties": {"sparsifier": "breadcrumbs", "merger": "ties", "retain_ratio": 1.0},
     "darex_task_arithmetic": {"sparsifier": "darex", "merger": "task_arithmetic"},
     "darex_ties": {"sparsifier": "darex", "merger": "ties"},
 }
@@ -56,7 +57,7 @@ def build_method(
     sampler: str = "torch_rand",
     merger: str | None = None,
     scaling: float = 1.0,
-    retain_ratio: float = 0.2,
+    retain_ratio: float | None = None,
     merge_func: str = "mean",
     weights: Sequence[float] | None = None,
     weighted_election: bool = False,
@@ -65,7 +66,7 @@ def build_method(
     epsilon: float | None = None,
     gamma: float | None = None,
     rescale_q: float | str | Mapping[str, float | str] | None = None,
-    rank_scope: str = "tensor",
+    rank_scope: str = "row",
 ) -> MergeMethod:
     """Build a :class:`MergeMethod` from a preset name plus plain overrides.
 
@@ -87,6 +88,8 @@ def build_method(
                     rescale=bool(rescale), target=target, sampler=sampler,
                     epsilon=None if epsilon is None else float(epsilon),
                     gamma=None if gamma is None else float(gamma), rescale_q=rescale_q, rank_scope=str(rank_scope))
+    if retain_ratio is None:   # the preset's (1.0 for della_ties / breadcrumbs_ties), else 0.2
+        retain_ratio = (preset or {}).get("retain_ratio", 0.2)
     mg = Merger(kind=merger, scaling=float(scaling), retain_ratio=float(retain_ratio), merge_func=merge_func,
                 weights=tuple(float(w) for w in weights) if weights is not None else None,
                 weighted_election=bool(weighted_election))

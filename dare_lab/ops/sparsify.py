@@ -303,9 +303,11 @@ def magnitude_prune(delta: torch.Tensor, p: float, rescale: bool = False) -> tor
 # Beyond the paper: DELLA (MagPrune), Model Breadcrumbs, DAREx-q
 # ---------------------------------------------------------------------------------------------
 
-RANK_SCOPES = ("tensor", "row")
-"""Where DELLA ranks magnitudes: ``tensor`` (one ranking over all entries, the default) or ``row``
-(each slice ``x[i]`` along the first dimension ranked on its own, mergekit's choice for 2-D)."""
+RANK_SCOPES = ("row", "tensor")
+"""Where DELLA ranks magnitudes: ``row`` (default: each slice ``x[i]`` along the first dimension,
+i.e. each output neuron of a linear weight, ranked on its own; a 1-D tensor is one row) — what
+the DELLA authors' code runs as ``della`` (their mergekit fork, ``rank_magnitude_sampling``) and
+what mergekit does — or ``tensor`` (one ranking over all entries: their "layer" variant)."""
 
 
 def check_della_epsilon(p: float, epsilon: float) -> float:
@@ -322,7 +324,7 @@ def check_della_epsilon(p: float, epsilon: float) -> float:
     return eps
 
 
-def magnitude_rank_norm(x: torch.Tensor, scope: str = "tensor") -> torch.Tensor:
+def magnitude_rank_norm(x: torch.Tensor, scope: str = "row") -> torch.Tensor:
     """Normalised magnitude rank r̃_i ∈ [0, 1] of every entry (float64, shape of ``x``).
 
     Entries are ordered by |x| ascending, ties by flat index ascending (so of two equal
@@ -344,7 +346,7 @@ def magnitude_rank_norm(x: torch.Tensor, scope: str = "tensor") -> torch.Tensor:
     return (ranks.to(torch.float64) / (m - 1)).reshape(x.shape)
 
 
-def della_drop_probabilities(x: torch.Tensor, p: float, epsilon: float, scope: str = "tensor") -> torch.Tensor:
+def della_drop_probabilities(x: torch.Tensor, p: float, epsilon: float, scope: str = "row") -> torch.Tensor:
     """DELLA's per-entry drop probabilities p_i = p + ε − 2ε·r̃_i (float64, shape of ``x``):
     keep probability 1 − p_i = (1−p) − ε + 2ε·r̃_i, from (1−p)−ε for the smallest |x| to
     (1−p)+ε for the largest (r̃: :func:`magnitude_rank_norm`)."""
@@ -356,15 +358,16 @@ def della_drop_probabilities(x: torch.Tensor, p: float, epsilon: float, scope: s
 
 
 def della(delta: torch.Tensor, p: float, epsilon: float, generator: torch.Generator,
-          rescale: bool = True, scope: str = "tensor") -> torch.Tensor:
+          rescale: bool = True, scope: str = "row") -> torch.Tensor:
     """DELLA / MagPrune (Deep et al. 2024): magnitude-ranked drop probabilities around p.
 
     ``della(δ, p, ε)_i = m_i · δ_i / (1 − p_i)``, ``m_i ~ Bernoulli(1 − p_i)``,
     ``p_i = p + ε − 2ε·r̃_i`` with r̃_i ∈ [0, 1] the normalised magnitude rank (largest |δ|
-    kept most; ties: lower flat index ranks lower). The keep test is DARE's: ``u_i ≥ p_i`` with
+    kept most; ties: lower flat index ranks lower), per row (``scope="row"``, default) or over
+    the whole tensor (``scope="tensor"``). The keep test is DARE's: ``u_i ≥ p_i`` with
     ``u ~ torch.rand`` float32 from ``generator`` (p_i rounded to float32), so ε = 0 gives
     DARE's mask and values bit for bit. Survivors are rescaled by their own 1/(1 − p_i) (the
-    paper's rescale; mergekit instead rescales the whole tensor to its L1 norm), ``rescale=False``
+    DELLA authors' code; mergekit instead rescales the whole tensor to its L1 norm), ``rescale=False``
     skips it. p ∈ [0, 1), ε ∈ [0, min(p, 1−p)); p = 0 returns δ itself.
     """
     p = check_drop_rate(p, rescale=True)

@@ -87,8 +87,9 @@ def test_hostile_programs_fail_alone_within_limits():
     assert sb.run(good).passed
 
 
-def test_project_files_are_hidden():
-    sb = Sandbox(SandboxLimits(wall_s=5, cpu_s=3))
+@pytest.mark.parametrize("isolation", ["auto", "rlimit"])
+def test_project_files_are_hidden(isolation):
+    sb = Sandbox(SandboxLimits(wall_s=5, cpu_s=3), isolation=isolation)
     target = PROJECT / "pyproject.toml"
     code = (f"import os\ntry:\n    print(open({str(target)!r}).read()[:20])\nexcept OSError as e:\n    print('DENIED', e)\n"
             f"print('LIST', os.listdir({str(PROJECT)!r}) if os.path.isdir({str(PROJECT)!r}) else None)\n")

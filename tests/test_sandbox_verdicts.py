@@ -58,6 +58,14 @@ FAKES = {
                                  "        print('LOADED', name)\n    except Exception:\n        pass\nos._exit(0)\n"),
     "proc_self_mem": ("import os\nfor p in ('/proc/self/mem', 'mem'):\n    try:\n        open(p, 'rb')\n    except OSError:\n"
                       "        pass\nos._exit(0)\n"),
+    "patched_hook_helpers": ("import os, posixpath, builtins\nposixpath.basename = lambda p: 'x'\n"
+                             "os.path.realpath = lambda p, **k: '/tmp/x'\nbuiltins.isinstance = lambda *a: False\n"
+                             "class S(str):\n    def partition(self, *a):\n        return ('x', '', '')\n"
+                             "    def rpartition(self, *a):\n        return ('x', '', 'x')\n"
+                             "for p in ('/proc/self/mem', S('/proc/self/mem'), b'/proc/self/mem'):\n    try:\n"
+                             "        open(p, 'rb')\n        print('OPENED')\n    except OSError:\n        pass\n"
+                             "import importlib\ntry:\n    importlib.import_module(S('_ctypes'))\n    print('IMPORTED')\n"
+                             "except Exception:\n    pass\nos._exit(0)\n"),
     "spawns_fresh_python": ("import os, sys\ntry:\n    import subprocess\n    subprocess.run([sys.executable, '-c', 'print(1)'])\n"
                             "except Exception:\n    pass\ntry:\n    os.execv(sys.executable, [sys.executable, '-c', 'pass'])\n"
                             "except Exception:\n    pass\nos._exit(0)\n"),

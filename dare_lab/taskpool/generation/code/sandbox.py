@@ -185,31 +185,57 @@ def _reporter(nfd, rfd, n, boot, getframe, getpid, read, write, close):
 
 
 def _arm(hide, block_net):
-    """The audit hook: refuses what could read the nonce, rewrite control flow or escape."""
-    realpath, basename, fsdecode = os.path.realpath, os.path.basename, os.fsdecode
+    """The audit hook: refuses what could read the nonce, rewrite control flow or escape.
+
+    It uses only what it captured here (builtin methods called unbound on exact ``str``
+    copies), so a program that patches ``os.path``, ``builtins`` or ``str`` subclasses cannot
+    change what it sees."""
+    import posix
+    getcwd, cat, add, decode = posix.getcwd, "".__add__, str.__add__, bytes.decode
+    rpartition, partition, startswith, split, join = str.rpartition, str.partition, str.startswith, str.split, "/".join
+    is_str, is_bytes, PE = (lambda x, t=str, i=isinstance: i(x, t)), (lambda x, t=bytes, i=isinstance: i(x, t)), PermissionError
     deny = frozenset({"gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys.settrace",
                       "sys.setprofile", "code.__new__", "os.exec", "os.posix_spawn", "os.spawn", "os.system",
                       "os.startfile", "subprocess.Popen", "os.symlink", "os.link", "sys.remote_exec"})
     frames = frozenset({"gi_frame", "cr_frame", "ag_frame"})
+    memory = frozenset({"mem", "kmem", "kcore"})
     mods = _BLOCKED_MODULES
     hidden = tuple(h.rstrip("/") + "/" for h in hide)
 
+    def norm(p):  # absolute, "." and ".." folded; symlinks are not resolved (rlimit only: not a boundary)
+        if not startswith(p, "/"):
+            p = add(add(getcwd(), "/"), p)
+        out = []
+        for part in split(p, "/"):
+            if part == "..":
+                if out:
+                    out.pop()
+            elif part and part != ".":
+                out.append(part)
+        return add(add("/", join(out)), "/")
+
     def hook(event, args):
-        if event in deny or event.startswith("ctypes."):
-            raise PermissionError("sandbox: %s is not allowed" % event)
+        if event in deny or startswith(event, "ctypes."):
+            raise PE("sandbox: %s is not allowed" % event)
         if event == "object.__getattr__" and len(args) > 1 and args[1] in frames:
-            raise PermissionError("sandbox: %s is not allowed" % args[1])
-        if event == "import" and args and (str(args[0]).partition(".")[0] in mods or str(args[0]).startswith("_test")):
-            raise PermissionError("sandbox: import %s is not allowed" % args[0])
-        if block_net and event.startswith("socket."):
-            raise PermissionError("sandbox: network access is disabled")
-        if event == "open" and args and isinstance(args[0], (str, bytes)):
-            p = fsdecode(args[0])
-            r = realpath(p)
-            if basename(p) == "mem" or basename(r) == "mem" and r.startswith("/proc/"):
-                raise PermissionError("sandbox: %s is not allowed" % p)
-            if hidden and ((r + "/").startswith(hidden) or (os.path.abspath(p) + "/").startswith(hidden)):
-                raise PermissionError("sandbox: %s is outside the sandbox" % p)
+            raise PE("sandbox: %s is not allowed" % args[1])
+        if event == "import" and args and is_str(args[0]):
+            name = cat(args[0])
+            if partition(name, ".")[0] in mods or startswith(name, "_test"):
+                raise PE("sandbox: import %s is not allowed" % name)
+        if block_net and startswith(event, "socket."):
+            raise PE("sandbox: network access is disabled")
+        if event == "open" and args:
+            p = args[0]
+            if is_bytes(p):
+                p = decode(p, "utf-8", "surrogateescape")
+            elif not is_str(p):
+                return  # a file descriptor
+            p = cat(p)
+            if rpartition(p.rstrip("/"), "/")[2] in memory:  # /proc/<pid>/mem, also relative to a dir_fd
+                raise PE("sandbox: %s is not allowed" % p)
+            if hidden and startswith(norm(p), hidden):
+                raise PE("sandbox: %s is outside the sandbox" % p)
 
     sys.addaudithook(hook)
 
@@ -284,19 +310,22 @@ def _main(cfg):
     mod.__file__ = os.path.join(cfg["workdir"], "program.py")
     sys.modules[cfg["module"]] = sys.modules["__main__"] = mod
     sys.argv = ["program.py"]
-    exit_, out, err, BE = os._exit, sys.stdout, sys.stderr, BaseException
+    exit_, write, out, err, BE = os._exit, os.write, sys.stdout, sys.stderr, BaseException
     del cfg, _xcpu, gen, loaded
     try:
         exec(compile(src, "program.py", "exec"), mod.__dict__)
     except BE as e:
         del src
         try:
-            import traceback
-            if isinstance(e, SystemExit):
-                err.write("sandbox: the program raised SystemExit(%r) before its last statement\n" % (e.code,))
-            else:
-                traceback.print_exception(type(e), e, e.__traceback__, file=err)
             out.flush()
+        except BE:
+            pass
+        kind = type.__getattribute__(type(e), "__name__")
+        write(2, ("sandbox: the program raised %s before its last statement\n" % kind).encode("utf-8", "replace"))
+        try:
+            import traceback
+            if not isinstance(e, SystemExit):
+                traceback.print_exception(type(e), e, e.__traceback__, file=err)
             err.flush()
         except BE:
             pass

@@ -28,9 +28,9 @@ def gen(seed=0, model="m", tensor="t"):
 
 
 def ref_rank_norm(values):
-    """r̃_i = position of i in the order (|x| ascending, index ascending) / (n − 1)."""
+    """r̃_i = position of i in the order (|x| ascending, index descending) / (n − 1)."""
     n = len(values)
-    order = sorted(range(n), key=lambda i: (abs(values[i]), i))
+    order = sorted(range(n), key=lambda i: (abs(values[i]), -i))
     rank = [0] * n
     for pos, i in enumerate(order):
         rank[i] = pos
@@ -63,10 +63,11 @@ def ref_breadcrumbs_kept(values, p, gamma):
 
 def test_della_keep_probabilities_follow_magnitude_rank_with_lowest_index_ties():
     x = torch.tensor([0.3, -0.1, 0.5, 0.1, -0.2])
-    # |x| ascending, ties by index: 1 (.1), 3 (.1), 4 (.2), 0 (.3), 2 (.5) -> r̃ = [.75, 0, 1, .25, .5]
-    assert magnitude_rank_norm(x).tolist() == [0.75, 0.0, 1.0, 0.25, 0.5]
+    # |x| ascending, ties: the lower index ranks higher (MP keeps the lowest index first):
+    # 3 (.1), 1 (.1), 4 (.2), 0 (.3), 2 (.5) -> r̃ = [.75, .25, 1, 0, .5]
+    assert magnitude_rank_norm(x).tolist() == [0.75, 0.25, 1.0, 0.0, 0.5]
     keep = 1 - della_drop_probabilities(x, 0.6, 0.2)
-    torch.testing.assert_close(keep, torch.tensor([0.5, 0.2, 0.6, 0.3, 0.4], dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(keep, torch.tensor([0.5, 0.3, 0.6, 0.2, 0.4], dtype=torch.float64), rtol=0, atol=1e-12)
     assert keep.min() > 0 and keep.max() <= 1
     # keep probabilities average to 1 − p (ranks spread evenly over [0, 1])
     y = torch.randn(1001)

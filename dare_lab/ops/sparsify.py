@@ -327,9 +327,9 @@ def check_della_epsilon(p: float, epsilon: float) -> float:
 def magnitude_rank_norm(x: torch.Tensor, scope: str = "row") -> torch.Tensor:
     """Normalised magnitude rank r̃_i ∈ [0, 1] of every entry (float64, shape of ``x``).
 
-    Entries are ordered by |x| ascending, ties by flat index ascending (so of two equal
-    magnitudes the lower index ranks *lower*; the same order :func:`top_magnitude_mask` uses
-    to keep the lowest index first, read from the other end); r̃_i = r_i / (m − 1) with r_i ∈
+    Entries are ordered by |x| ascending, ties by flat index *descending*: of two equal
+    magnitudes the lower index ranks higher (is kept more), as :func:`top_magnitude_mask` and MP
+    keep the lowest index first (the same order read from the other end); r̃_i = r_i / (m − 1) with r_i ∈
     {0, …, m−1} the position in that order within its group of m entries (the whole tensor,
     or one row for ``scope="row"``). A group of one entry gets r̃ = 1/2.
     """
@@ -340,7 +340,8 @@ def magnitude_rank_norm(x: torch.Tensor, scope: str = "row") -> torch.Tensor:
     m = mag.shape[1]
     if m == 1:
         return torch.full(x.shape, 0.5, dtype=torch.float64, device=x.device)
-    order = torch.sort(mag, dim=1, stable=True).indices            # ascending |x|, ties: lower index first
+    # ascending |x|, ties: higher index first (a stable sort of the reversed rows, mapped back)
+    order = (m - 1) - torch.sort(mag.flip(1), dim=1, stable=True).indices
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(m, device=x.device).expand(rows, m).contiguous())
     return (ranks.to(torch.float64) / (m - 1)).reshape(x.shape)
@@ -363,7 +364,7 @@ def della(delta: torch.Tensor, p: float, epsilon: float, generator: torch.Genera
 
     ``della(δ, p, ε)_i = m_i · δ_i / (1 − p_i)``, ``m_i ~ Bernoulli(1 − p_i)``,
     ``p_i = p + ε − 2ε·r̃_i`` with r̃_i ∈ [0, 1] the normalised magnitude rank (largest |δ|
-    kept most; ties: lower flat index ranks lower), per row (``scope="row"``, default) or over
+    kept most; ties: the lower flat index ranks higher, as in MP), per row (``scope="row"``, default) or over
     the whole tensor (``scope="tensor"``). The keep test is DARE's: ``u_i ≥ p_i`` with
     ``u ~ torch.rand`` float32 from ``generator`` (p_i rounded to float32), so ε = 0 gives
     DARE's mask and values bit for bit. Survivors are rescaled by their own 1/(1 − p_i) (the

@@ -76,7 +76,9 @@ def save_sparse_deltas(base: str | os.PathLike, model: str | os.PathLike, out_di
     plans = plan_merge(base_src, {name: src}, scope or Scope())
     meta = {"format": FORMAT, "drop_rate": p, "seed": int(seed), "sampler": sampler, "model": name,
             "model_ref": str(model), "base_id": base_id(base_src), "rescale": "1/(1-p)"}
-    atomic = AtomicDir(out_dir, overwrite=overwrite)
+    atomic = AtomicDir(out_dir, overwrite=overwrite, marker="dare_lab_delta.json",
+                       inputs={"base model": base_src.path, f"model {name!r}": src.path},
+                       own_file=lambda f: f == "dare_lab_delta.json" or (f.startswith("deltas-") and f.endswith(".safetensors")))
     with atomic as tmp:
         shard: dict[str, torch.Tensor] = {}
         used, files, weight_map = 0, 0, {}
@@ -151,7 +153,8 @@ def rebuild(base: str | os.PathLike, stores: Sequence[str | os.PathLike], out_di
     from dare_lab.engine.merge import _copy_model_files
 
     base_src = CheckpointReader(base, "base")
-    deltas = [SparseDelta(s) for s in stores]
+    # summed in sorted model-name order, as merge_models does: the store order cannot change bits
+    deltas = sorted((SparseDelta(s) for s in stores), key=lambda d: str(d.info.get("model", "")))
     ident = base_id(base_src)
     for d in deltas:
         if d.info["base_id"] != ident:
@@ -159,7 +162,11 @@ def rebuild(base: str | os.PathLike, stores: Sequence[str | os.PathLike], out_di
     names = base_src.names()
     entries = [(n, tuple(base_src.shape(n)), out_dtype if (out_dtype and base_src.dtype(n).is_floating_point) else base_src.dtype(n))
                for n in names]
-    atomic = AtomicDir(out_dir, overwrite=overwrite)
+    from dare_lab.engine.merge import _own_output_file
+
+    atomic = AtomicDir(out_dir, overwrite=overwrite, marker="dare_lab_rebuild.json",
+                       inputs={"base model": base_src.path, **{f"store {d.path}": d.path for d in deltas}},
+                       own_file=lambda f: f == "dare_lab_rebuild.json" or _own_output_file(f))
     with atomic as tmp:
         writer = ShardedSafetensorsWriter(tmp, entries, max_shard_size)
         try:

@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,7 +33,16 @@ from dare_lab.ops.method import MergeMethod
 from dare_lab.engine.streamed import CHUNK, NonFiniteChunk, StreamedMerge, workspace
 
 _COPY_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")
-_SKIP_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "dare_lab_merge.json")
+MERGE_MARKER = "dare_lab_merge.json"
+_SKIP_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", MERGE_MARKER)
+_SHARD = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
+
+
+def _own_output_file(name: str) -> bool:
+    """A file name a merged output of this engine can hold (for outputs whose metadata predates
+    its ``files`` list): shards, index, metadata, model card, files copied from the base."""
+    return bool(_SHARD.fullmatch(name)) or name in ("model.safetensors.index.json", MERGE_MARKER, "README.md") \
+        or (name.endswith(_COPY_SUFFIXES) and not name.startswith("."))
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -134,6 +145,7 @@ def _merge_one(plan: TensorPlan, base: TensorSource, models: Mapping[str, Tensor
             except NonFiniteChunk:
                 writer.write(plan.name, _merge_one_reference(plan, base, models, method, dtype, out_dtype))
                 return None
+            _complete_digests(readers)
             writer.write(plan.name, staged.view(plan.shape))
             return None
         if writer is not None:
@@ -151,12 +163,14 @@ def _merge_one(plan: TensorPlan, base: TensorSource, models: Mapping[str, Tensor
             except NonFiniteChunk:
                 writer.write(plan.name, _merge_one_reference(plan, base, models, method, dtype, out_dtype))
                 return None
+            _complete_digests(readers)
             writer.done(plan.name)
             return None
         result = torch.empty(n, dtype=target)
         job.emit_dtype = target
         try:
             job.run(*_into(result))
+            _complete_digests(readers)
             result = result.view(plan.shape)
         except NonFiniteChunk:
             result = _merge_one_reference(plan, base, models, method, dtype, out_dtype)
@@ -164,6 +178,15 @@ def _merge_one(plan: TensorPlan, base: TensorSource, models: Mapping[str, Tensor
         for r in readers:
             r.close()
     return result
+
+
+def _complete_digests(readers) -> None:
+    """After a streamed tensor: each file-backed input reader hands its source the xxh3_128 of the
+    tensor's bytes, hashed as they were read (the content fingerprint in ``dare_lab_merge.json``)."""
+    for r in readers:
+        done = getattr(r, "complete_digest", None)
+        if done is not None:
+            done()
 
 
 def _run_all(plans: list[TensorPlan], work: Callable[[TensorPlan], torch.Tensor | None], threads: int,
@@ -227,15 +250,36 @@ def _open(ref: str | os.PathLike | TensorSource, label: str) -> TensorSource:
     return CheckpointReader(ref, label=label)
 
 
+class ModelConfigError(ValueError):
+    """A model's ``config.json`` that exists but cannot be used (one line, names the model)."""
+
+
 def _model_type(src: TensorSource) -> str | None:
     path = getattr(src, "path", None)
     cfg = Path(path) / "config.json" if path is not None else None
-    if cfg is None or not cfg.exists():
+    if cfg is None or not os.path.lexists(cfg):
         return None
+    if cfg.is_dir():
+        raise ModelConfigError(f"model {src.label!r}: config.json is a directory, expected a JSON file ({cfg})")
+    if not cfg.is_file():
+        raise ModelConfigError(f"model {src.label!r}: config.json is not a regular file ({cfg})")
     try:
-        return json.loads(cfg.read_text()).get("model_type")
-    except json.JSONDecodeError:
-        raise ValueError(f"model {src.label!r}: config.json is not valid JSON") from None
+        data = json.loads(cfg.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelConfigError(f"model {src.label!r}: config.json is not valid JSON") from None
+    except OSError as exc:
+        raise ModelConfigError(f"model {src.label!r}: config.json cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise ModelConfigError(f"model {src.label!r}: config.json is not a JSON object (it holds a {_json_kind(data)})")
+    kind = data.get("model_type")
+    if kind is not None and not isinstance(kind, str):
+        raise ModelConfigError(f"model {src.label!r}: config.json model_type is not a string ({json.dumps(kind)[:60]})")
+    return kind
+
+
+def _json_kind(value) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}.get(
+        type(value), type(value).__name__)
 
 
 def check_architectures(base: TensorSource, models: Mapping[str, TensorSource]) -> None:
@@ -245,6 +289,32 @@ def check_architectures(base: TensorSource, models: Mapping[str, TensorSource]) 
         got = _model_type(src)
         if expected and got and got != expected:
             raise ValueError(f"architecture mismatch: base is {expected!r}, model {m!r} is {got!r}")
+
+
+def canonical_order(method: MergeMethod, names: list[str]) -> tuple[MergeMethod, list[str]]:
+    """The models in sorted name order, and the method with its per-model weights in that order.
+
+    Every sum over models (task arithmetic, TIES' election and disjoint mean, averaging) runs in
+    this order on every path, so a pool listed in any order merges to the same bits (float
+    addition is not associative: with K >= 3 the listing order changed the low bits). Positional
+    weights belong to the models in their listing order and are carried along; name-keyed
+    weights (a mapping model → w) must name exactly the pool's models."""
+    order = sorted(names)
+    w = method.merger.weights
+    if w is None:
+        return method, order
+    if isinstance(w, Mapping):
+        missing, extra = [m for m in order if m not in w], sorted(set(map(str, w)) - set(order))
+        if missing or extra:
+            raise ValueError(f"method weights must name exactly the pool's models {order}: "
+                             + (f"no weight for {missing[0]!r}" if missing else f"weight for unknown model {extra[0]!r}"))
+        by_name = {str(m): float(v) for m, v in w.items()}
+    else:
+        if len(w) != len(names):
+            raise ValueError(f"got {len(w)} model weights for {len(names)} models")
+        by_name = {m: float(v) for m, v in zip(names, w)}
+    merger = replace(method.merger, weights=tuple(by_name[m] for m in order))
+    return replace(method, merger=merger), order
 
 
 def merge_models(
@@ -278,6 +348,8 @@ def merge_models(
     scope = scope or Scope()
     base_src = _open(base, "base")
     srcs = {str(m): _open(ref, str(m)) for m, ref in models.items()}
+    method, order = canonical_order(method, list(srcs))
+    srcs = {m: srcs[m] for m in order}   # every path accumulates in this order: listing order cannot change bits
     check_architectures(base_src, srcs)
     plans = plan_merge(base_src, srcs, scope, vocab_policy)
     validate_pool(base_src, srcs, plans)  # file layouts and dtypes, before any heavy work
@@ -296,7 +368,9 @@ def merge_models(
                 results = _run_all(plans, lambda p: _merge_one(p, base_src, srcs, method, dtype, out_dtype), threads, tick)
             return {p.name: t for p, t in zip(plans, results)}
         entries = [(p.name, p.shape, _target_dtype(p, out_dtype)) for p in plans]
-        atomic = AtomicDir(out_dir, overwrite=overwrite)
+        inputs = {("base model" if x is base_src else f"model {m!r}"): Path(x.path)
+                  for m, x in [("base", base_src), *srcs.items()] if getattr(x, "path", None) is not None}
+        atomic = AtomicDir(out_dir, overwrite=overwrite, marker=MERGE_MARKER, inputs=inputs, own_file=_own_output_file)
         with atomic as tmp:
             writer = ShardedSafetensorsWriter(tmp, entries, max_shard_size)
             try:
@@ -309,7 +383,8 @@ def merge_models(
             if base_dir is not None:
                 _copy_model_files(Path(base_dir), tmp, out_dtype)
             meta = _metadata(method, base_src, srcs, scope, dtype, out_dtype, plans, time.perf_counter() - started)
-            (tmp / "dare_lab_merge.json").write_text(json.dumps(meta, indent=2, default=str))
+            meta["files"] = sorted({f.name for f in tmp.iterdir()} | {"README.md", MERGE_MARKER})
+            (tmp / MERGE_MARKER).write_text(json.dumps(meta, indent=2, default=str))
             (tmp / "README.md").write_text(model_card(meta))
             validate_output(tmp, entries)  # shards, headers and index re-read from disk before the rename
             return atomic.commit()
@@ -364,10 +439,21 @@ def _versions() -> dict[str, str]:
 def _metadata(method: MergeMethod, base: TensorSource, models: Mapping[str, TensorSource], scope: Scope,
               dtype: torch.dtype, out_dtype: torch.dtype | None, plans: list[TensorPlan], seconds: float) -> dict:
     fp = lambda s: s.fingerprint() if hasattr(s, "fingerprint") else "in-memory"  # noqa: E731
+
+    def content(s: TensorSource, names) -> dict:
+        return s.content_fingerprint(names) if hasattr(s, "content_fingerprint") else {"content_xxh3_128": "in-memory"}
+
+    described = method.describe()
+    if method.merger.weights is not None:   # name-keyed: the positional tuple is in sorted-name order
+        described["merger"]["weights"] = dict(zip(models, method.merger.weights))
+    read = {m: [p.sources[m] for p in plans if p.merge and m in p.sources] for m in models}
     return {
-        "method": method.describe(),
-        "base": {"ref": getattr(base, "ref", base.label), "index_sha256": fp(base)},
-        "models": {m: {"ref": getattr(s, "ref", s.label), "index_sha256": fp(s)} for m, s in models.items()},
+        "format": "dare_lab_merge/1",
+        "method": described,
+        "base": {"ref": getattr(base, "ref", base.label), "index_sha256": fp(base), **content(base, [p.name for p in plans])},
+        "models": {m: {"ref": getattr(s, "ref", s.label), "index_sha256": fp(s), **content(s, read[m])}
+                   for m, s in models.items()},
+        "accumulation_order": list(models),
         "scope": {"include": list(scope.include), "exclude": list(scope.exclude), "linear_only": scope.linear_only},
         "compute_dtype": str(dtype), "out_dtype": str(out_dtype) if out_dtype else "same as base",
         "tensors": {"merged": sum(p.merge for p in plans), "copied_from_base": sum(not p.merge for p in plans)},

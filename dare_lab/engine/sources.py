@@ -12,11 +12,16 @@ import json
 import os
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+
+try:
+    import xxhash
+except ImportError:  # pragma: no cover - a declared dependency; the fingerprint says so when missing
+    xxhash = None
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -78,6 +83,10 @@ def resolve_model_dir(ref: str | os.PathLike) -> Path:
     return Path(local)
 
 
+class CheckpointFormatError(ValueError):
+    """A checkpoint file whose contents are not what its format says (one line, names the file)."""
+
+
 class HeaderError(ValueError):
     """A safetensors header that cannot be read: ``kind`` is truncated | corrupt, ``detail`` why."""
 
@@ -103,18 +112,84 @@ def raw_safetensors_header(file: Path) -> tuple[Any, int, int]:
             raise HeaderError("corrupt", "(not JSON)") from None
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def header_shape_problem(header: Any) -> str | None:
+    """What is wrong with the *shape* of a parsed safetensors header (valid JSON of the wrong
+    structure or types), or None: the header must be an object; ``__metadata__``, if present, an
+    object of strings; every other entry an object with ``dtype`` a known dtype code, ``shape`` a
+    list of non-negative integers and ``data_offsets`` two non-negative integers [start, end],
+    start <= end. The one check the lazy reader and the validator share."""
+    if not isinstance(header, dict):
+        return f"(not a JSON object but a {type(header).__name__})"
+    meta = header.get("__metadata__")
+    if meta is not None and (not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values())):
+        return "(__metadata__ is not an object of strings)"
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            return f"(tensor {name!r}: entry is a {type(info).__name__}, not an object)"
+        for key in ("dtype", "shape", "data_offsets"):
+            if key not in info:
+                return f"(tensor {name!r}: no {key})"
+        code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(code, str):
+            return f"(tensor {name!r}: dtype is not a string: {code!r})"
+        if code not in SAFE_DTYPES:
+            return f"(tensor {name!r}: unsupported dtype {code})"
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            return f"(tensor {name!r}: shape is not a list of non-negative integers: {json.dumps(shape)[:80]})"
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)):
+            return f"(tensor {name!r}: data_offsets is not two non-negative integers: {json.dumps(offsets)[:80]})"
+        if offsets[1] < offsets[0]:
+            return f"(tensor {name!r}: data_offsets end {offsets[1]} is before start {offsets[0]})"
+    return None
+
+
 def _read_safetensors_header(file: Path) -> dict:
-    """Parse and sanity-check a safetensors header (declared sizes must fit in the file)."""
+    """Parse and sanity-check a safetensors header (structure and types, declared sizes must fit
+    in the file); every problem is a one-line :class:`CheckpointFormatError` naming the file."""
     try:
         header, n, size = raw_safetensors_header(file)
     except HeaderError as e:
         what = {"truncated": "truncated safetensors file", "corrupt": "corrupt safetensors header"}[e.kind]
-        raise ValueError(f"{file}: {what} {e.detail}") from None
+        raise CheckpointFormatError(f"{file}: {what} {e.detail}") from None
+    problem = header_shape_problem(header)
+    if problem:
+        raise CheckpointFormatError(f"{file}: corrupt safetensors header {problem}")
     header.pop("__metadata__", None)
     end = max((info["data_offsets"][1] for info in header.values()), default=0)
     if 8 + n + end > size:
-        raise ValueError(f"{file}: truncated safetensors file (tensors need {8 + n + end} bytes, file has {size})")
+        raise CheckpointFormatError(f"{file}: truncated safetensors file (tensors need {8 + n + end} bytes, file has {size})")
     return header
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def index_entry_file(model_dir: Path, index: Path, entry: Any, label: str) -> Path:
+    """The shard file an index entry names, which must resolve inside the model directory: a
+    plain relative path (no ``..``, not absolute) whose real path (symlinks followed) lies in the
+    directory. A hub-cache snapshot (``…/snapshots/<rev>``) may also link into its repository's
+    ``blobs/``, as the hub cache does for every file."""
+    if not isinstance(entry, str) or not entry:
+        raise CheckpointFormatError(f"model {label!r}: {index.name} entry {entry!r} is not a file name")
+    rel = Path(entry)
+    if rel.is_absolute() or ".." in rel.parts or "\\" in entry:
+        raise CheckpointFormatError(f"model {label!r}: {index.name} entry {entry!r} points outside the model directory")
+    file = model_dir / rel
+    real, root = file.resolve(), model_dir.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":
+        allowed.append(root.parent.parent / "blobs")
+    if not any(_inside(real, a) for a in allowed):
+        raise CheckpointFormatError(f"model {label!r}: {index.name} entry {entry!r} resolves outside the model directory "
+                                    f"(to {real})")
+    return file
 
 
 class CheckpointReader:
@@ -133,6 +208,7 @@ class CheckpointReader:
         self._offset: dict[str, int] = {}
         self._lock = threading.Lock()
         self._index_bytes = b""
+        self._digests: dict[str, tuple[str, int]] = {}   # tensor → (xxh3_128 of its bytes, byte count)
         self._scan()
 
     def _scan(self) -> None:
@@ -143,8 +219,6 @@ class CheckpointReader:
                 with open(f, "rb") as fh:
                     data_start = 8 + int.from_bytes(fh.read(8), "little")
                 for name, info in _read_safetensors_header(f).items():
-                    if info["dtype"] not in SAFE_DTYPES:
-                        raise ValueError(f"{f}: tensor {name!r} has unsupported dtype {info['dtype']}")
                     self._file_of[name] = f
                     self._info[name] = (tuple(info["shape"]), SAFE_DTYPES[info["dtype"]])
                     self._offset[name] = data_start + int(info["data_offsets"][0])
@@ -163,9 +237,11 @@ class CheckpointReader:
             self._index_bytes = index.read_bytes()
             try:
                 weight_map = json.loads(self._index_bytes)["weight_map"]
-            except (json.JSONDecodeError, KeyError):
-                raise ValueError(f"model {self.label!r}: corrupt index {index}") from None
-            files = sorted({index.parent / f for f in weight_map.values()})
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                raise CheckpointFormatError(f"model {self.label!r}: corrupt index {index}") from None
+            if not isinstance(weight_map, dict):
+                raise CheckpointFormatError(f"model {self.label!r}: corrupt index {index} (weight_map is not an object)")
+            files = sorted({index_entry_file(index.parent, index, f, self.label) for f in weight_map.values()})
             for f in files:
                 if not f.exists():
                     raise FileNotFoundError(f"model {self.label!r}: shard {f.name} named in {index.name} is missing")
@@ -196,16 +272,52 @@ class CheckpointReader:
         f = self._file_of[name]
         if f.suffix == ".bin":
             t = self._load_bin(f)[name]
+            self._record(name, *tensor_digest(t))
             return t.to(dtype) if dtype is not None else t.clone()
         from safetensors import safe_open
 
         with safe_open(f, framework="pt") as fh:
             t = fh.get_tensor(name)
+        self._record(name, *tensor_digest(t))
         return t.to(dtype) if dtype is not None and t.dtype != dtype else t
 
     def fingerprint(self) -> str:
-        """sha256 of the checkpoint's index (or single-file header): identifies the input."""
+        """sha256 of the checkpoint's index (or single-file header): the file layout, not the weights."""
         return hashlib.sha256(self._index_bytes).hexdigest()
+
+    def _record(self, name: str, digest: str, nbytes: int) -> None:
+        with self._lock:
+            self._digests[name] = (digest, nbytes)
+
+    def _digest_of(self, name: str) -> tuple[str, int]:
+        """This tensor's digest: the one recorded while the merge read it, else computed now."""
+        got = self._digests.get(name)
+        if got is not None:
+            return got
+        where = self.locate(name)
+        if where is None:
+            self.get(name)
+        else:
+            with self.chunk_reader(name, "digest") as r:
+                r.complete_digest()
+        return self._digests[name]
+
+    def content_fingerprint(self, names) -> dict[str, Any]:
+        """xxh3_128 over ``names`` (sorted): each tensor's name, dtype, shape, byte count and the
+        xxh3_128 of its data bytes as stored (storage dtype, flat order). The per-tensor digests
+        are those computed on the bytes the merge read (see :class:`ChunkReader`); a tensor it
+        did not read is read now. Independent of thread count, tensor order and file layout."""
+        if xxhash is None:
+            return {"content_xxh3_128": "unavailable (xxhash not installed)"}
+        h = xxhash.xxh3_128()
+        total = 0
+        names = sorted(set(names))
+        for name in names:
+            digest, nbytes = self._digest_of(name)
+            total += nbytes
+            h.update(f"{name}\t{str(self.dtype(name)).removeprefix('torch.')}\t{list(self.shape(name))}\t{nbytes}\t{digest}\n".encode())
+        return {"content_xxh3_128": h.hexdigest(), "tensors_hashed": len(names), "bytes_hashed": total,
+                "tensors_not_hashed": len(self._info) - len(names)}
 
     def locate(self, name: str) -> tuple[Path, int] | None:
         """(file, byte offset of the data) of a safetensors tensor; None for ``.bin`` files."""
@@ -219,7 +331,19 @@ class CheckpointReader:
         where = self.locate(name)
         if where is None:
             return ChunkReader.of_tensor(self.get(name))
-        return ChunkReader(where[0], where[1], self.dtype(name), key)
+        numel = 1
+        for d in self.shape(name):
+            numel *= d
+        sink = (lambda digest, nbytes: self._record(name, digest, nbytes)) if xxhash is not None else None
+        return ChunkReader(where[0], where[1], self.dtype(name), key, total=numel, sink=sink)
+
+
+def tensor_digest(t: torch.Tensor) -> tuple[str, int]:
+    """(xxh3_128 hex digest, byte count) of a tensor's bytes in flat (row-major) order."""
+    if xxhash is None:
+        return "", 0
+    raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return xxhash.xxh3_128_hexdigest(raw), int(raw.nbytes)
 
 
 def _header_bytes(file: Path) -> bytes:
@@ -271,11 +395,21 @@ class ChunkReader:
 
     File-backed readers ``pread`` into a per-thread buffer (the returned view is valid until
     the next call with the same key on this thread); in-memory ones return a slice.
+
+    With a ``sink``, a file-backed reader also hashes (xxh3_128) the bytes it reads, in flat
+    order, while they are in cache: each read that continues where the hashed prefix ends
+    extends it (later passes over the same tensor, which start again at 0, are not hashed
+    twice). :meth:`complete_digest` hashes whatever of the ``total`` entries no read covered and
+    hands ``sink(digest, nbytes)`` the digest of the whole tensor's bytes.
     """
 
     def __init__(self, file: Path | None, offset: int = 0, dtype: torch.dtype | None = None, key: str = "in",
-                 tensor: torch.Tensor | None = None):
+                 tensor: torch.Tensor | None = None, total: int = 0,
+                 sink: Callable[[str, int], None] | None = None):
         self.flat = None if tensor is None else tensor.detach().reshape(-1)
+        self.total, self.sink = total, sink
+        self._hash = xxhash.xxh3_128() if (sink is not None and file is not None) else None
+        self._upto = 0
         self.fd = None
         if file is not None:
             self.fd = os.open(file, os.O_RDONLY)
@@ -295,7 +429,26 @@ class ChunkReader:
 
         buf = workspace(self.key, stop - start, self.dtype)
         pread_exact(self.fd, buf, self.offset + start * self.itemsize)
+        if self._hash is not None and start == self._upto and stop > start:
+            self._hash.update(buf.view(torch.uint8).numpy())
+            self._upto = stop
         return buf
+
+    def complete_digest(self) -> None:
+        """Hash the entries no read covered yet (none after a full pass) and report the digest."""
+        if self._hash is None:
+            return
+        if self._upto < self.total:
+            from dare_lab.engine.streamed import CHUNK, workspace
+
+            for s in range(self._upto, self.total, CHUNK):
+                e = min(self.total, s + CHUNK)
+                buf = workspace("digest_tail", e - s, self.dtype)
+                pread_exact(self.fd, buf, self.offset + s * self.itemsize)
+                self._hash.update(buf.view(torch.uint8).numpy())
+            self._upto = self.total
+        self.sink(self._hash.hexdigest(), self.total * self.itemsize)
+        self._hash = None
 
     def close(self) -> None:
         if self.fd is not None:

@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 
 from dare_lab.engine.plan import PoolMismatchError, TensorPlan
-from dare_lab.engine.sources import SAFE_DTYPES, SAFE_INDEX, HeaderError, TensorSource, raw_safetensors_header
+from dare_lab.engine.sources import (SAFE_DTYPES, SAFE_INDEX, CheckpointFormatError, HeaderError, TensorSource,
+                                     header_shape_problem, raw_safetensors_header)
 
 
-class CorruptCheckpointError(ValueError):
+class CorruptCheckpointError(CheckpointFormatError):
     """A checkpoint file whose header does not describe its bytes."""
 
 
@@ -45,17 +46,13 @@ def check_safetensors_file(file: Path, label: str) -> dict[str, dict]:
     except HeaderError as e:
         what = {"truncated": "is truncated", "corrupt": "has a corrupt header"}[e.kind]
         raise CorruptCheckpointError(f"model {label!r}: {file.name} {what} {e.detail}") from None
-    if not isinstance(header, dict):
-        raise CorruptCheckpointError(f"model {label!r}: {file.name} has a corrupt header (not a JSON object)")
+    problem = header_shape_problem(header)
+    if problem:
+        raise CorruptCheckpointError(f"model {label!r}: {file.name} has a corrupt header {problem}")
     header.pop("__metadata__", None)
     spans = []
     for name, info in header.items():
-        try:
-            code, shape, (start, end) = info["dtype"], [int(s) for s in info["shape"]], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CorruptCheckpointError(f"model {label!r}: {file.name}: malformed header entry for tensor {name!r}") from None
-        if code not in SAFE_DTYPES:
-            raise CorruptCheckpointError(f"model {label!r}: {file.name}: tensor {name!r} has unsupported dtype {code}")
+        code, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
         numel = 1
         for s in shape:
             numel *= s
@@ -95,8 +92,10 @@ def check_files(src: TensorSource) -> None:
     if files and index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             raise CorruptCheckpointError(f"model {src.label!r}: corrupt index {index.name}") from None
+        if not isinstance(weight_map, dict):
+            raise CorruptCheckpointError(f"model {src.label!r}: corrupt index {index.name} (weight_map is not an object)")
         for name, shard in weight_map.items():
             where = seen.get(name)
             if where is None or where.name != Path(shard).name:

@@ -25,7 +25,7 @@ import shutil
 import sys
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -351,17 +351,84 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class OverwriteRefused(FileExistsError):
+    """``overwrite`` was asked to replace something that is not a previous output of this kind."""
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def check_replaceable(target: Path, marker: str | None = None, inputs: Mapping[str, Path] | None = None,
+                      own_file: Callable[[str], bool] | None = None) -> None:
+    """Raise :class:`OverwriteRefused` (one line, the reason) unless the existing ``target`` may be
+    replaced: it must not be the file system root, the home or current directory or hold one of
+    them, must not be an input (``inputs``: what → directory), hold one or lie inside one, and
+    must be a directory that is empty or a previous output of this kind: it holds the ``marker``
+    metadata file (a JSON object written by dare_lab) and only the files such an output has (the
+    ``files`` list the metadata records, or, for older metadata, names ``own_file`` accepts)."""
+    t = target
+    why = f"refusing to overwrite {t}:"
+    specials = [("the file system root", Path(t.anchor)), ("the home directory", Path.home().resolve()),
+                ("the current working directory", Path.cwd().resolve())]
+    for what, place in specials:
+        if t == place:
+            raise OverwriteRefused(f"{why} it is {what}")
+        if _inside(place, t):
+            raise OverwriteRefused(f"{why} it contains {what} ({place})")
+    for what, place in (inputs or {}).items():
+        place = Path(place).expanduser().resolve()
+        if t == place:
+            raise OverwriteRefused(f"{why} it is an input ({what})")
+        if _inside(place, t):
+            raise OverwriteRefused(f"{why} it contains an input ({what}: {place})")
+        if _inside(t, place):
+            raise OverwriteRefused(f"{why} it lies inside an input ({what}: {place})")
+    if not t.is_dir():
+        raise OverwriteRefused(f"{why} it is not a directory")
+    entries = sorted(os.listdir(t))
+    if not entries:
+        return
+    if marker is None:
+        raise OverwriteRefused(f"{why} it is a non-empty directory ({len(entries)} entries)")
+    meta_file = t / marker
+    if not meta_file.is_file():
+        raise OverwriteRefused(f"{why} it is a non-empty directory that is not a dare_lab output (no {marker})")
+    try:
+        meta = json.loads(meta_file.read_bytes())
+    except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or not ("method" in meta or "format" in meta):
+        raise OverwriteRefused(f"{why} its {marker} is not dare_lab metadata")
+    listed = meta.get("files")
+    allowed = (lambda n: n in listed) if isinstance(listed, list) else (own_file or (lambda n: n == marker))
+    for name in entries:
+        if not allowed(name) or not (t / name).is_file() or (t / name).is_symlink():
+            raise OverwriteRefused(f"{why} it holds {name!r}, which is not part of a dare_lab output "
+                                   f"(move it away or choose another output path)")
+
+
 class AtomicDir:
     """A temporary sibling directory renamed onto ``target`` only by :meth:`commit`.
 
     Used as a context manager: any exception removes the temporary directory, so a failed
-    run leaves either the previous complete output or nothing.
+    run leaves either the previous complete output or nothing. With ``overwrite`` an existing
+    target is replaced only if :func:`check_replaceable` accepts it (checked here, before any
+    work, and again just before the commit).
     """
 
-    def __init__(self, target: str | os.PathLike, overwrite: bool = False):
+    def __init__(self, target: str | os.PathLike, overwrite: bool = False, *, marker: str | None = None,
+                 inputs: Mapping[str, Path] | Sequence[Path] | None = None,
+                 own_file: Callable[[str], bool] | None = None):
         self.target = Path(target).expanduser().resolve()
-        if self.target.exists() and not overwrite:
+        if inputs is not None and not isinstance(inputs, Mapping):
+            inputs = {f"input {i}: {p}": Path(p) for i, p in enumerate(inputs)}
+        self.guard = {"marker": marker, "inputs": inputs, "own_file": own_file}
+        self.overwrite = overwrite
+        if os.path.lexists(self.target) and not overwrite:
             raise FileExistsError(f"output directory already exists: {self.target} (pass overwrite=True to replace it)")
+        if os.path.lexists(self.target):
+            check_replaceable(self.target, **self.guard)
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.target.parent / f".{self.target.name}.tmp-{uuid.uuid4().hex[:8]}"
         self.committed = False
@@ -375,7 +442,10 @@ class AtomicDir:
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        if self.target.exists():
+        if os.path.lexists(self.target):
+            if not self.overwrite:   # appeared while this run worked (another process)
+                raise FileExistsError(f"output directory already exists: {self.target} (pass overwrite=True to replace it)")
+            check_replaceable(self.target, **self.guard)   # still a previous output (another process)?
             if exchange(self.tmp, self.target):     # one atomic step: the target is never missing
                 shutil.rmtree(self.tmp, ignore_errors=True)   # now holds the previous output
             else:

@@ -20,7 +20,8 @@ Each knob, with its formula (δ_k = θ_k − θ_PRE, computed in float32):
 - ``overrides``: per-model / per-tensor-pattern values of ``drop_rate``, ``weight``,
   ``retain_ratio`` and ``scaling`` (:mod:`dare_lab.ops.overrides`; later entries win).
 - ``weights``: optional per-model w_k (task arithmetic and TIES; never changes TIES' sign
-  election unless ``weighted_election``). ``seed``: seeds every per-tensor mask.
+  election unless ``weighted_election``): a list in the pool's listing order, or a mapping
+  model name → w_k. ``seed``: seeds every per-tensor mask.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def build_method(
     scaling: float = 1.0,
     retain_ratio: float | None = None,
     merge_func: str = "mean",
-    weights: Sequence[float] | None = None,
+    weights: Sequence[float] | Mapping[str, float] | None = None,
     weighted_election: bool = False,
     seed: int = 0,
     overrides: Sequence[Mapping[str, Any]] | None = None,
@@ -91,7 +92,9 @@ def build_method(
     if retain_ratio is None:   # the preset's (1.0 for della_ties / breadcrumbs_ties), else 0.2
         retain_ratio = (preset or {}).get("retain_ratio", 0.2)
     mg = Merger(kind=merger, scaling=float(scaling), retain_ratio=float(retain_ratio), merge_func=merge_func,
-                weights=tuple(float(w) for w in weights) if weights is not None else None,
+                weights=None if weights is None else (
+                    {str(m): float(w) for m, w in weights.items()} if isinstance(weights, Mapping)
+                    else tuple(float(w) for w in weights)),
                 weighted_election=bool(weighted_election))
     if overrides:  # per-model / per-tensor knob values (dare_lab.ops.overrides)
         from dare_lab.ops.overrides import OverriddenMethod, parse_overrides

@@ -150,7 +150,8 @@ def embedding_similarity(pool: Any, model_name: str, texts: Sequence[str], metho
 
     Returns ``rows`` ({model, method, p, seed, layer, mean_cos, min_cos, n_tokens}) and the
     last-layer histograms ``{"<method> p=<p>": counts over HIST_EDGES}`` (summed over seeds).
-    p = 0 is the SFT model itself (every sparsifier is the identity there).
+    p = 0 is the SFT model itself (every sparsifier is the identity there). ``knobs``: per
+    sparsifier kind, its own knobs (e.g. ``{"della": {"epsilon": 0.005}, "darex": {"rescale_q": 0.05}}``).
     """
     import copy
 

@@ -120,7 +120,8 @@ def test_dare_ties_is_an_untrimmed_election_and_ties_takes_density_as_retain_rat
   - {{model: {ms['ft1']}, parameters: {{weight: 1.0, density: 0.5}}}}
 """
     dt = mk.load(_yaml(tmp_path, f"merge_method: dare_ties\nbase_model: {b}\n" + models)).method
-    assert (dt.sparsifier.kind, dt.sparsifier.drop_rate, dt.merger.kind, dt.merger.retain_ratio) == ("dare", 0.5, "ties", 1.0)
+    assert (dt.sparsifier.kind, dt.sparsifier.drop_rate, dt.merger.kind, dt.merger.retain_ratio, dt.merger.merge_func) == \
+        ("dare", 0.5, "ties", 1.0, "sum")
     ties = mk.load(_yaml(tmp_path, f"merge_method: ties\nbase_model: {b}\n" + models)).method
     assert (ties.sparsifier.kind, ties.merger.retain_ratio) == ("none", 0.5)
     m, got = _merged(tmp_path / "mk.yml")
@@ -140,6 +141,8 @@ def test_dare_ties_is_an_untrimmed_election_and_ties_takes_density_as_retain_rat
     ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, density: 1.5}}]",
      r"density=1.5 is outside \(0, 1\]"),
     ("- just a list", "must hold a mapping"),
+    ("merge_method: ties\nbase_model: b\nparameters: {gamma: 0.1}\nmodels: [{model: a, parameters: {weight: 1}}]",
+     "parameters.gamma is not used by ties"),
 ])
 def test_unsupported_configs_are_one_line_errors(tmp_path, text, message):
     with pytest.raises(mk.MergekitConfigError, match=message):
@@ -167,3 +170,29 @@ models:
     m, want = _merged(cfg)
     got = _sd(out)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("kind,sparsifier,merger,merge_func,retain", [
+    ("dare_ties", "dare", "ties", "sum", 1.0),            # mergekit: normalize false by default → a sum
+    ("ties", "none", "ties", "mean", 0.5),
+    ("breadcrumbs", "breadcrumbs", "task_arithmetic", None, None),
+    ("breadcrumbs_ties", "breadcrumbs", "ties", "sum", 1.0),
+    ("della", "della", "ties", "mean", 1.0),
+    ("della_linear", "della", "task_arithmetic", None, None),
+])
+def test_each_method_maps_to_its_dare_lab_form(tmp_path, kind, sparsifier, merger, merge_func, retain):
+    knobs = {"della": "{epsilon: 0.05}", "breadcrumbs": "{gamma: 0.01}"}.get(sparsifier, "{}")
+    m = mk.load(_yaml(tmp_path, f"""merge_method: {kind}
+base_model: b
+parameters: {knobs}
+models: [{{model: a, parameters: {{weight: 1.0, density: 0.5}}}}, {{model: c, parameters: {{weight: 1.0, density: 0.5}}}}]
+""")).method
+    assert (m.sparsifier.kind, m.merger.kind) == (sparsifier, merger)
+    if sparsifier != "none":
+        assert m.sparsifier.drop_rate == 0.5
+    if merge_func:
+        assert (m.merger.merge_func, m.merger.retain_ratio) == (merge_func, retain)
+    if sparsifier == "della":
+        assert m.sparsifier.epsilon == 0.05
+    if sparsifier == "breadcrumbs":
+        assert m.sparsifier.gamma == 0.01

@@ -11,10 +11,13 @@ keeps the paper's semantics; every place where mergekit's differ is printed once
 | ``task_arithmetic`` (``lambda``, ``normalize``) | ``task_arithmetic`` (λ = ``lambda``) |
 | ``ties`` (``density`` = kept fraction) | ``ties``, ``retain_ratio`` = density |
 | ``dare_linear`` / ``dare_ties`` (``density`` = 1 − p) | DARE, ``drop_rate`` = 1 − density, rescale ×1/(1−p); ``dare_ties``: TIES sign election without a trim (``retain_ratio`` = 1) |
+| ``breadcrumbs`` / ``breadcrumbs_ties`` (``density``, ``gamma``) | ``sparsifier=breadcrumbs``, ``drop_rate`` = 1 − density, ``gamma`` |
+| ``della`` / ``della_linear`` (``density``, ``epsilon``) | ``sparsifier=della`` (ranks per row), ``drop_rate`` = 1 − density, ``epsilon`` |
+| ``normalize`` of a TIES-style merge | true: ``merge_func=mean`` (mergekit divides by Σ w of the agreeing models, dare_lab by their count: equal for unit weights); false: ``merge_func=sum`` |
 | ``density`` / ``weight`` per model, ``{filter, value}`` lists | ``method.overrides`` (a filter is a substring of the tensor name) |
 
 Not taken (one-line errors): slices / modules, gradients (lists of numbers over layers),
-``int8_mask``, other merge methods.
+``int8_mask``, per-model ``epsilon`` / ``gamma``, other merge methods.
 """
 
 from __future__ import annotations
@@ -35,10 +38,15 @@ METHODS = {  # mergekit merge_method → (dare_lab sparsifier, merger)
     "ties": ("none", "ties"),
     "dare_linear": ("dare", "task_arithmetic"),
     "dare_ties": ("dare", "ties"),
+    "breadcrumbs": ("breadcrumbs", "task_arithmetic"),
+    "breadcrumbs_ties": ("breadcrumbs", "ties"),
+    "della_linear": ("della", "task_arithmetic"),
+    "della": ("della", "ties"),
 }
-NORMALIZE_DEFAULT = {"linear": True, "task_arithmetic": False, "ties": True, "dare_linear": False, "dare_ties": True}
+NORMALIZE_DEFAULT = {"linear": True, "task_arithmetic": False, "ties": True, "dare_linear": False, "dare_ties": False,
+                     "breadcrumbs": False, "breadcrumbs_ties": False, "della_linear": False, "della": True}
 PER_MODEL = ("weight", "density")
-GLOBAL = ("weight", "density", "lambda", "normalize", "rescale", "int8_mask")
+GLOBAL = ("weight", "density", "lambda", "normalize", "rescale", "int8_mask", "epsilon", "gamma")
 
 
 class MergekitConfigError(ValueError):
@@ -185,28 +193,43 @@ def load(path: str | Path, seed: int = 0) -> MergekitConfig:
         if total == 0:
             raise MergekitConfigError("mergekit: normalize with weights summing to 0")
         weights = {k: v / total for k, v in weights.items()}
-    elif normalize and kind in ("ties", "dare_ties") and len(set(weights.values())) > 1:
+    elif normalize and merger == "ties" and len(set(weights.values())) > 1:
         notes.append("ties with unequal weights: mergekit divides each entry by Σ w over the agreeing models, dare_lab "
                      "(the TIES paper's disjoint mean) by their count; mergekit's sign election uses the weighted "
                      "deltas, dare_lab's does not (set method.weighted_election=true for mergekit's election)")
     kwargs: dict[str, Any] = {"sparsifier": sparsifier, "merger": merger, "scaling": scaling, "seed": seed,
                               "weights": weights}
-    if sparsifier == "dare":
+    if merger == "ties":
+        kwargs["merge_func"] = "mean" if normalize else "sum"
+    for knob, owner in (("epsilon", "della"), ("gamma", "breadcrumbs")):
+        if knob in params:
+            if sparsifier != owner:
+                raise MergekitConfigError(f"mergekit: parameters.{knob} is not used by {kind} (only by {owner} methods)")
+            kwargs[knob] = float(_entries(f"parameters.{knob}", params[knob])[0][1])
+    if sparsifier in ("dare", "della", "breadcrumbs"):
         dens = {n: density_entries(n) for n in names}
         plain = [v for n in names for f, v in dens[n] if f is None]
         kwargs["drop_rate"] = 1.0 - (plain[0] if plain else 1.0)
         for n in names:
             overrides += _overrides(f"{n}.density", dens[n], "drop_rate", [n], lambda v: 1.0 - v)
-        if params.get("rescale", True) is False:
+        rescale = params.get("rescale", sparsifier != "breadcrumbs")
+        if sparsifier == "dare" and rescale is False:
             kwargs["sparsifier"] = "drop_only"
             notes.append("rescale: false → DropOnly (the same mask, no rescale)")
+        elif sparsifier == "breadcrumbs":
+            kwargs["rescale"] = bool(rescale)
+            notes.append("breadcrumbs: dare_lab keeps ⌈density·n⌉ entries, mergekit floor(density·n)"
+                         + ("; its rescale keeps the L1 norm, dare_lab's is ×1/(1 − p)" if rescale else ""))
+        elif sparsifier == "della" and rescale is False:
+            raise MergekitConfigError("mergekit: della with rescale: false is not supported (DELLA rescales each kept "
+                                      "entry by 1/p_i)")
         else:
-            notes.append("DARE rescale: mergekit rescales each tensor to keep its L1 norm; dare_lab multiplies the kept "
-                         "entries by 1/(1 − p) as the paper does (the masks also differ: mergekit draws them with "
-                         "torch.bernoulli, dare_lab per (seed, model, tensor))")
+            notes.append(f"{sparsifier.upper()} rescale: mergekit rescales each tensor to keep its L1 norm; dare_lab "
+                         "divides each kept entry by its keep probability as the paper does (the masks also differ: "
+                         "mergekit draws them with torch.bernoulli, dare_lab per (seed, model, tensor))")
         if merger == "ties":
             kwargs["retain_ratio"] = 1.0
-            notes.append("dare_ties: TIES sign election on the DARE deltas without a magnitude trim, as mergekit does")
+            notes.append(f"{kind}: TIES sign election on the sparsified deltas without a magnitude trim, as mergekit does")
     elif merger == "ties":
         dens = {n: density_entries(n) for n in names}
         plain = [v for n in names for f, v in dens[n] if f is None]
@@ -215,6 +238,8 @@ def load(path: str | Path, seed: int = 0) -> MergekitConfig:
             overrides += _overrides(f"{n}.density", dens[n], "retain_ratio", [n])
         notes.append("ties trim: mergekit keeps floor(density·n) entries of each tensor, dare_lab ⌈density·n⌉ "
                      "(the same wherever density·n is whole)")
+    if merger == "ties":
+        notes.append("sign election: where Σ δ = 0 mergekit elects +, dare_lab the tensor's majority sign")
     kwargs["overrides"] = overrides or None
     method = build_method(name=f"mergekit_{kind}", **kwargs)
     return MergekitConfig(base=str(base), models=models, method=method,

@@ -66,9 +66,10 @@ HOSTILE = {
 }
 
 
-def test_hostile_programs_fail_alone_within_limits():
+@pytest.mark.parametrize("isolation", ["auto", "rlimit"])
+def test_hostile_programs_fail_alone_within_limits(isolation):
     limits = SandboxLimits(wall_s=4, cpu_s=2, memory_mb=256, nproc=8, output_bytes=1 << 16)
-    sb = Sandbox(limits)
+    sb = Sandbox(limits, isolation=isolation)
     good = "assert sum(range(10)) == 45\nprint('ok')\n"
     programs = [good, *HOSTILE.values(), good]
     t0 = time.monotonic()
@@ -148,12 +149,11 @@ def test_bad_configuration_is_named():
         Sandbox(isolation="jail")
 
 
-def test_fork_count_is_bounded_by_nproc():
-    import os
-
-    sb = Sandbox(SandboxLimits(wall_s=8, cpu_s=3, nproc=6))
-    if sb.isolation != "namespace" and os.geteuid() == 0:
-        pytest.skip("rlimit-only isolation as root: RLIMIT_NPROC does not apply to uid 0")
+@pytest.mark.parametrize("isolation", ["auto", "rlimit"])
+def test_fork_count_is_bounded_by_nproc(isolation):
+    # namespaces: RLIMIT_NPROC of the dropped uid; rlimit as root (RLIMIT_NPROC does not apply to
+    # uid 0): the audit hook's own fork count
+    sb = Sandbox(SandboxLimits(wall_s=8, cpu_s=3, nproc=6), isolation=isolation)
     code = ("import os, time\nn = 0\nfor _ in range(50):\n    try:\n        pid = os.fork()\n    except OSError:\n"
             "        break\n    if pid == 0:\n        time.sleep(1)\n        os._exit(0)\n    n += 1\nprint('FORKED', n)\n")
     r = sb.run(code)

@@ -184,14 +184,15 @@ def _reporter(nfd, rfd, n, boot, getframe, getpid, read, write, close):
     yield False
 
 
-def _arm(hide, block_net):
+def _arm(hide, block_net, fork_cap):
     """The audit hook: refuses what could read the nonce, rewrite control flow or escape.
 
     It uses only what it captured here (builtin methods called unbound on exact ``str``
     copies), so a program that patches ``os.path``, ``builtins`` or ``str`` subclasses cannot
     change what it sees."""
     import posix
-    getcwd, cat, add, decode = posix.getcwd, "".__add__, str.__add__, bytes.decode
+    getcwd, getpid, cat, add, decode = posix.getcwd, posix.getpid, "".__add__, str.__add__, bytes.decode
+    pid0, forks = getpid(), [0]
     rpartition, partition, startswith, split, join = str.rpartition, str.partition, str.startswith, str.split, "/".join
     is_str, is_bytes, PE = (lambda x, t=str, i=isinstance: i(x, t)), (lambda x, t=bytes, i=isinstance: i(x, t)), PermissionError
     deny = frozenset({"gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys.settrace",
@@ -223,6 +224,12 @@ def _arm(hide, block_net):
             name = cat(args[0])
             if partition(name, ".")[0] in mods or startswith(name, "_test"):
                 raise PE("sandbox: import %s is not allowed" % name)
+        if fork_cap is not None and (event == "os.fork" or event == "os.forkpty"):
+            # rlimit isolation as root: RLIMIT_NPROC does not apply to uid 0, so the hook bounds
+            # forks itself: at most fork_cap children, forked by the original process only
+            if getpid() != pid0 or forks[0] >= fork_cap:
+                raise PE("sandbox: process limit reached")
+            forks[0] += 1
         if block_net and startswith(event, "socket."):
             raise PE("sandbox: network access is disabled")
         if event == "open" and args:
@@ -305,7 +312,8 @@ def _main(cfg):
     if loaded:  # an extension module once loaded can be re-created without an import event
         sys.stderr.write("sandbox-setup: %s already loaded\n" % loaded)
         os._exit(125)
-    _arm(cfg["hide_audit"], not cfg["namespace"])
+    _arm(cfg["hide_audit"], not cfg["namespace"],
+         cfg["limits"]["nproc"] - 1 if not cfg["namespace"] and os.geteuid() == 0 else None)
     mod = types.ModuleType(cfg["module"])
     mod.__file__ = os.path.join(cfg["workdir"], "program.py")
     sys.modules[cfg["module"]] = sys.modules["__main__"] = mod

@@ -462,3 +462,31 @@ def test_index_of_the_wrong_shape_is_one_line(tiny_llama_pool, tmp_path, weight_
     with pytest.raises(ValueError) as info:
         merge_models(tiny_llama_pool.base, {"bad": str(bad)}, TA, tmp_path / "out")
     assert re.fullmatch(rf"model 'bad': {expected}", one_line(info.value)), str(info.value)
+
+
+# ----------------------------------------------------------------- through the CLI: one line, exit 2
+
+
+@pytest.mark.parametrize("which", ["input model", "foreign dir"])
+def test_cli_overwrite_refusal_is_one_line_exit_2(tiny_bert_pool, tmp_path, which):
+    import subprocess
+    import sys
+
+    base, models = copy_pool(tiny_bert_pool, tmp_path / "pool")
+    if which == "input model":
+        target, reason = Path(models["ft0"]), "it is an input (model 'a')"
+    else:
+        target = tmp_path / "mine"
+        target.mkdir()
+        (target / "thesis.tex").write_text("years of work")
+        reason = "it is a non-empty directory that is not a dare_lab output (no dare_lab_merge.json)"
+    before = tree_snapshot(tmp_path)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    (tmp_path / "cwd").mkdir()
+    r = subprocess.run([sys.executable, "-m", "dare_lab.shell.cli", "modelpool=custom", f"modelpool.base={base}",
+                        f"+modelpool.models={{a: {models['ft0']}}}", f"+output.model_dir={target}",
+                        "output.overwrite=true"], cwd=tmp_path / "cwd", env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip() == f"dare-lab: error: refusing to overwrite {target.resolve()}: {reason}", r.stderr[-2000:]
+    assert {k: v for k, v in tree_snapshot(tmp_path).items() if not k.startswith("cwd/")} == before

@@ -353,6 +353,11 @@ def merge_models(
     check_architectures(base_src, srcs)
     plans = plan_merge(base_src, srcs, scope, vocab_policy)
     validate_pool(base_src, srcs, plans)  # file layouts and dtypes, before any heavy work
+    atomic = None
+    if out_dir is not None:   # an existing output is checked (may it be replaced?) before any merging
+        inputs = {("base model" if x is base_src else f"model {m!r}"): Path(x.path)
+                  for m, x in [("base", base_src), *srcs.items()] if getattr(x, "path", None) is not None}
+        atomic = AtomicDir(out_dir, overwrite=overwrite, marker=MERGE_MARKER, inputs=inputs, own_file=_own_output_file)
     if hasattr(method, "check_models"):
         method.check_models(list(srcs))
     started = time.perf_counter()
@@ -368,9 +373,6 @@ def merge_models(
                 results = _run_all(plans, lambda p: _merge_one(p, base_src, srcs, method, dtype, out_dtype), threads, tick)
             return {p.name: t for p, t in zip(plans, results)}
         entries = [(p.name, p.shape, _target_dtype(p, out_dtype)) for p in plans]
-        inputs = {("base model" if x is base_src else f"model {m!r}"): Path(x.path)
-                  for m, x in [("base", base_src), *srcs.items()] if getattr(x, "path", None) is not None}
-        atomic = AtomicDir(out_dir, overwrite=overwrite, marker=MERGE_MARKER, inputs=inputs, own_file=_own_output_file)
         with atomic as tmp:
             writer = ShardedSafetensorsWriter(tmp, entries, max_shard_size)
             try:

@@ -1,9 +1,12 @@
 """The ``dare-lab`` entry point: Hydra composes the config, a program runs it.
 
 Every run writes its resolved ``config.yaml`` (secrets redacted), ``metrics.json`` and
-``run.json`` (its identity) into its run directory and prints where. Bad input — including
-an override with a wrong name or type, checked before any job starts — ends the run with one
-line on stderr, exit status 2, and no run directory left behind.
+``run.json`` (its identity) into its run directory and prints where. Bad input — an override
+with a wrong name or type, or an unusable input of any job (checked before job 0 starts) — and
+environment errors (disk full, read-only, permissions) end the run with one line on stderr and
+exit status 2. A failing run removes only what it created (:func:`cleanup_failed_run`): a run
+directory that existed before is never removed, and a complete merged model is kept and its
+path printed, whatever failed after it.
 
 Sweeps resume: a job whose run identity (see :mod:`dare_lab.shell.run_identity`) already has a
 complete entry in ``resume.registry`` is skipped and its recorded results are reused;

@@ -211,6 +211,7 @@ class RunDirGuard(Callback):
             "entries": None if entries is None or len(entries) > _MAX_ENV_ENTRIES else sorted(entries)})
 
     def _guard(self, path: Path, what: str) -> None:
+        release_locks()  # a new run in this process: the previous one (if any) is over
         _STATE.clear()
         _STATE.update(_snapshot(path))
         try:

@@ -53,6 +53,14 @@ if kind in ("erofs_mkdir", "eacces_mkdir"):  # the run directory cannot be creat
             raise OSError(code, os.strerror(code), str(self))
         return _mkdir(self, *a, **k)
     pathlib.Path.mkdir = mkdir
+if kind == "enospc_hydra":  # the disk is full when Hydra writes its own .hydra/config.yaml
+    import builtins
+    _open = builtins.open
+    def full_open(f, *a, **k):
+        if ".hydra" in str(f) and "w" in (a[0] if a else k.get("mode", "r")):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return _open(f, *a, **k)
+    builtins.open = full_open
 if kind == "eval_enospc":  # evaluation fails with a full disk after a finished merge
     import dare_lab.taskpool.classification as c
     def evaluate(self, model_dir, pool):
@@ -395,6 +403,18 @@ def test_run_dir_on_a_read_only_or_forbidden_file_system(tiny_bert_pool, work, f
     r = dare_lab([*pool_args(tiny_bert_pool), f"hydra.run.dir={run_dir}"], work, fault=f"{fault}:{work / 'ro'}")
     one_line_exit_2(r, name, str(work / "ro"))
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-dir", "user-dir"])
+def test_disk_full_in_hydras_own_steps(tiny_bert_pool, work, existing):
+    """ENOSPC while Hydra writes .hydra/ (before the job runs): one line, and only the run's files go."""
+    run_dir = work / "run"
+    if existing:
+        run_dir.mkdir()
+        (run_dir / "mine.txt").write_text("keep")
+    r = dare_lab([*pool_args(tiny_bert_pool), f"hydra.run.dir={run_dir}"], work, fault="enospc_hydra")
+    one_line_exit_2(r, "ENOSPC", ".hydra")
+    assert (tree(run_dir) == ["mine.txt"]) if existing else not run_dir.exists()
 
 
 def test_hydra_full_error_still_shows_nothing_for_user_errors(tiny_bert_pool, work):

@@ -154,6 +154,8 @@ def _is_complete_model(path: Path) -> bool:
 # before the run, only these — and only when they were not there before — are removed.
 def _own_names(run_dir: Path, hc: Any) -> set[str]:
     names = {"config.yaml", "metrics.json", "run.json", "merged", LOCK_NAME}
+    if hc is None:  # Hydra's defaults
+        names.add(".hydra")
     sub = getattr(hc, "output_subdir", None)
     if sub:
         names.add(Path(str(sub)).parts[0])
@@ -198,7 +200,9 @@ def cleanup_failed_run(run_dir: Path, hc: Any, kept: list[Path]) -> list[Path]:
     for p in now:
         if p.name in before or p.name in keep_inside or p.name == LOCK_NAME:
             continue
-        if state["existed"] and p.name not in own and not (p.name.startswith(".") and ".tmp-" in p.name):
+        hydra_log = hc is None and p.suffix == ".log" and p.is_file()  # Hydra's job log (name unknown here)
+        if state["existed"] and p.name not in own and not hydra_log and \
+                not (p.name.startswith(".") and ".tmp-" in p.name):
             continue  # not ours: someone else's file in a directory that was already there
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
@@ -333,6 +337,23 @@ def precheck(argv: list[str]) -> str | None:
 EMBEDDED_DEFAULT = ["+experiment=encoder_demo"]
 
 
+def _outside_job_failed() -> None:
+    """An error in Hydra's own steps of a single run (writing ``.hydra/``, the log): remove what
+    the run created there, as :func:`run_job` does for errors inside the job."""
+    from dare_lab.shell.sweep import failed_run_dir
+
+    run_dir = failed_run_dir()
+    if run_dir is not None and run_dir.is_dir():
+        try:
+            hc = HydraConfig.instance().cfg.hydra  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001
+            hc = None
+        try:
+            cleanup_failed_run(run_dir, hc, [])
+        except OSError:
+            pass
+
+
 def main() -> None:
     """``dare-lab``: check the overrides and every job's inputs (one line, exit 2, on a bad one),
     then run Hydra. A user or environment error anywhere — Hydra's own steps included (creating
@@ -353,6 +374,7 @@ def main() -> None:
         err = user_error(exc) or exc
         if user_full == "1" and not isinstance(err, (OSError, DirectoryBusy)):
             raise
+        _outside_job_failed()
         print(f"dare-lab: error: {redact_text(error_line(err))}", file=sys.stderr)
         sys.exit(2)
     except Exception as exc:  # noqa: BLE001 - Hydra's composition errors and the like
@@ -363,6 +385,7 @@ def main() -> None:
             err = exc
         if err is None:
             raise
+        _outside_job_failed()
         print(f"dare-lab: error: {redact_text(error_line(err))}", file=sys.stderr)
         sys.exit(2)
     finally:

@@ -151,6 +151,14 @@ def os_error_line(exc: OSError) -> str:
     return f"{text} ({name})" if name and name not in text else text
 
 
+def failed_run_dir() -> Path | None:
+    """The run directory of the single run in progress in this process (None in sweeps: a
+    sweep's finished jobs are never removed because a later step failed)."""
+    if _STATE.get("what") == "run":
+        return Path(_STATE["dir"])
+    return None
+
+
 class DirectoryBusy(RuntimeError):
     """Another dare-lab run or sweep holds the directory."""
 
@@ -214,6 +222,7 @@ class RunDirGuard(Callback):
         release_locks()  # a new run in this process: the previous one (if any) is over
         _STATE.clear()
         _STATE.update(_snapshot(path))
+        _STATE["what"] = what
         try:
             lock_directory(Path(_STATE["dir"]), what)
         except (DirectoryBusy, OSError) as exc:

@@ -490,3 +490,14 @@ def test_cli_overwrite_refusal_is_one_line_exit_2(tiny_bert_pool, tmp_path, whic
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip() == f"dare-lab: error: refusing to overwrite {target.resolve()}: {reason}", r.stderr[-2000:]
     assert {k: v for k, v in tree_snapshot(tmp_path).items() if not k.startswith("cwd/")} == before
+
+
+def test_fingerprint_of_a_reused_reader_is_recomputed(tiny_bert_pool, tmp_path):
+    from dare_lab.engine import CheckpointReader
+
+    base, models = copy_pool(tiny_bert_pool, tmp_path / "pool")
+    reader = CheckpointReader(models["ft0"], "ft0")
+    m1 = _meta(merge_models(base, {"ft0": reader, "ft1": models["ft1"]}, TA, tmp_path / "a"))
+    _flip_one_weight(Path(models["ft0"]), BERT_MAIN)
+    m2 = _meta(merge_models(base, {"ft0": reader, "ft1": models["ft1"]}, TA, tmp_path / "b"))
+    assert fp_of(m1, "ft0") != fp_of(m2, "ft0") and fp_of(m1, "ft1") == fp_of(m2, "ft1")

@@ -350,6 +350,9 @@ def merge_models(
     srcs = {str(m): _open(ref, str(m)) for m, ref in models.items()}
     method, order = canonical_order(method, list(srcs))
     srcs = {m: srcs[m] for m in order}   # every path accumulates in this order: listing order cannot change bits
+    for src in (base_src, *srcs.values()):
+        if hasattr(src, "reset_digests"):
+            src.reset_digests()   # content fingerprints cover what this merge reads
     check_architectures(base_src, srcs)
     plans = plan_merge(base_src, srcs, scope, vocab_policy)
     validate_pool(base_src, srcs, plans)  # file layouts and dtypes, before any heavy work

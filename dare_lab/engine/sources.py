@@ -285,6 +285,12 @@ class CheckpointReader:
         """sha256 of the checkpoint's index (or single-file header): the file layout, not the weights."""
         return hashlib.sha256(self._index_bytes).hexdigest()
 
+    def reset_digests(self) -> None:
+        """Forget the tensor digests recorded so far (a merge starts with none: a file may have
+        changed since an earlier merge that used this reader)."""
+        with self._lock:
+            self._digests = {}
+
     def _record(self, name: str, digest: str, nbytes: int) -> None:
         with self._lock:
             self._digests[name] = (digest, nbytes)

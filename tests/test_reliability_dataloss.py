@@ -145,6 +145,20 @@ def test_rerun_into_a_fixed_run_dir_keeps_the_previous_results(tiny_bert_pool, w
         assert (run_dir / "merged" / "model.safetensors").is_file()
 
 
+def test_resume_never_clears_another_runs_results(tiny_bert_pool, work):
+    """resume.enabled=true into a fixed run dir holding another identity's results: they stay."""
+    run_dir = work / "fixed"
+    a = dare_lab([*pool_args(tiny_bert_pool), "method.drop_rate=0.1", "resume.enabled=true",
+                  f"hydra.run.dir={run_dir}"], work)
+    assert a.returncode == 0, a.stderr[-3000:]
+    previous = {p: (run_dir / p).read_bytes() for p in ("metrics.json", "run.json", "merged/dare_lab_merge.json")}
+    b = dare_lab([*pool_args(tiny_bert_pool), "method.drop_rate=0.5", "resume.enabled=true",
+                  f"hydra.run.dir={run_dir}"], work)
+    one_line_exit_2(b, "merged")  # the engine refuses to replace the other run's model
+    for p, data in previous.items():
+        assert (run_dir / p).read_bytes() == data, p
+
+
 def classification_args(tmp, test_file, labels="[l0, l1]", model="a"):
     return ["taskpool=classification",
             f"taskpool.tasks=[{{name: t, files: {{test: '{test_file}'}}, labels: {labels}, model: {model}}}]"]

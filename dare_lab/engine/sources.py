@@ -149,18 +149,25 @@ def header_shape_problem(header: Any) -> str | None:
     return None
 
 
+def checked_safetensors_header(file: Path) -> tuple[dict, int, int]:
+    """:func:`raw_safetensors_header` whose JSON also has the right structure and types
+    (:func:`header_shape_problem`), ``__metadata__`` removed; any problem is a HeaderError."""
+    header, n, size = raw_safetensors_header(file)
+    problem = header_shape_problem(header)
+    if problem:
+        raise HeaderError("corrupt", problem)
+    header.pop("__metadata__", None)
+    return header, n, size
+
+
 def _read_safetensors_header(file: Path) -> dict:
     """Parse and sanity-check a safetensors header (structure and types, declared sizes must fit
     in the file); every problem is a one-line :class:`CheckpointFormatError` naming the file."""
     try:
-        header, n, size = raw_safetensors_header(file)
+        header, n, size = checked_safetensors_header(file)
     except HeaderError as e:
         what = {"truncated": "truncated safetensors file", "corrupt": "corrupt safetensors header"}[e.kind]
         raise CheckpointFormatError(f"{file}: {what} {e.detail}") from None
-    problem = header_shape_problem(header)
-    if problem:
-        raise CheckpointFormatError(f"{file}: corrupt safetensors header {problem}")
-    header.pop("__metadata__", None)
     end = max((info["data_offsets"][1] for info in header.values()), default=0)
     if 8 + n + end > size:
         raise CheckpointFormatError(f"{file}: truncated safetensors file (tensors need {8 + n + end} bytes, file has {size})")

@@ -28,7 +28,7 @@ import torch
 
 from dare_lab.engine.plan import PoolMismatchError, TensorPlan
 from dare_lab.engine.sources import (SAFE_DTYPES, SAFE_INDEX, CheckpointFormatError, HeaderError, TensorSource,
-                                     header_shape_problem, raw_safetensors_header)
+                                     checked_safetensors_header)
 
 
 class CorruptCheckpointError(CheckpointFormatError):
@@ -42,14 +42,10 @@ def _itemsize(code: str) -> int:
 def check_safetensors_file(file: Path, label: str) -> dict[str, dict]:
     """Check one safetensors file's layout from its header; returns the header (name → dtype, shape, offsets)."""
     try:
-        header, n, size = raw_safetensors_header(file)
+        header, n, size = checked_safetensors_header(file)
     except HeaderError as e:
         what = {"truncated": "is truncated", "corrupt": "has a corrupt header"}[e.kind]
         raise CorruptCheckpointError(f"model {label!r}: {file.name} {what} {e.detail}") from None
-    problem = header_shape_problem(header)
-    if problem:
-        raise CorruptCheckpointError(f"model {label!r}: {file.name} has a corrupt header {problem}")
-    header.pop("__metadata__", None)
     spans = []
     for name, info in header.items():
         code, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]

@@ -1,4 +1,6 @@
 """Fisher merging and RegMean: pure formulas, streamed statistics and the merge driver."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -228,3 +230,20 @@ def test_bad_driver_input(tiny):
         DataAwareMerge("fisher", tasks=[tasks[0]]).merge_pool(pool)
     with pytest.raises(ValueError, match="alpha"):
         DataAwareMerge("regmean", alpha=2)
+
+
+def test_overwrite_replaces_only_a_previous_data_aware_output(tiny, tmp_path):
+    from dare_lab.engine.writer import OverwriteRefused
+
+    root, pool, tasks = tiny
+    method = DataAwareMerge("regmean", tasks=tasks, num_examples=4, alpha=0.9)
+    out = method.merge(pool, tmp_path / "merged")
+    assert method.merge(pool, out, overwrite=True) == out                     # its own previous output
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("mine")
+    with pytest.raises(OverwriteRefused, match="not a dare_lab output"):
+        method.merge(pool, foreign, overwrite=True)
+    with pytest.raises(OverwriteRefused, match="it is an input"):
+        method.merge(pool, pool.models["a"], overwrite=True)
+    assert (foreign / "todo.txt").read_text() == "mine" and (Path(pool.models["a"]) / "config.json").exists()

@@ -307,11 +307,14 @@ class DataAwareMerge:
               **_engine: Any) -> Path:
         """Merge ``pool`` and write an HF directory atomically (config + tokenizer from the base)."""
         from dare_lab.engine import AtomicDir, ShardedSafetensorsWriter
+        from dare_lab.engine.merge import MERGE_MARKER
         from dare_lab.engine.sources import resolve_model_dir
 
-        merged = self.merge_pool(pool)
         base_dir = resolve_model_dir(pool.base)
-        atomic = AtomicDir(out_dir, overwrite=overwrite)
+        inputs = {"base model": base_dir, **{f"model {m!r}": resolve_model_dir(ref) for m, ref in pool.models.items()}}
+        # checked before the statistics: replaces only a previous dare_lab output, never an input
+        atomic = AtomicDir(out_dir, overwrite=overwrite, marker=MERGE_MARKER, inputs=inputs)
+        merged = self.merge_pool(pool)
         with atomic as tmp:
             writer = ShardedSafetensorsWriter(tmp, [(k, tuple(v.shape), v.dtype) for k, v in merged.items()], max_shard_size)
             for k, v in merged.items():
@@ -322,7 +325,8 @@ class DataAwareMerge:
                     shutil.copy2(f, tmp / f.name)
             meta = {"method": self.describe(), "base": str(pool.base), "models": dict(pool.models),
                     "statistics": self.report}
-            (tmp / "dare_lab_merge.json").write_text(json.dumps(meta, indent=2, default=str))
+            meta["files"] = sorted({f.name for f in tmp.iterdir()} | {MERGE_MARKER})
+            (tmp / MERGE_MARKER).write_text(json.dumps(meta, indent=2, default=str))
             return atomic.commit()
 
     def describe(self) -> dict[str, Any]:

@@ -314,6 +314,7 @@ def precheck(argv: list[str]) -> str | None:
     from hydra._internal.utils import get_args_parser
 
     from dare_lab.shell.config_check import OverrideError, check_overrides, preflight_overrides
+    from dare_lab.shell.sweep import PivotError, check_pivot
 
     try:
         args = get_args_parser().parse_args(argv)
@@ -323,9 +324,12 @@ def precheck(argv: list[str]) -> str | None:
         return None
     try:
         check_overrides(args.overrides)
+        pivots = [o.split("=", 1)[1] for o in args.overrides if o.lstrip("+").startswith("summary.pivot=")]
+        if args.multirun and pivots and pivots[-1] != "null":
+            check_pivot(pivots[-1], args.overrides)
         if os.environ.get("DARE_LAB_SKIP_PREFLIGHT", "0") != "1":
             preflight_overrides(args.overrides)  # every job's inputs, before job 0 starts
-    except OverrideError as exc:
+    except (OverrideError, PivotError) as exc:
         return redact_text(one_line(exc))
     except Exception:  # noqa: BLE001 - anything else is Hydra's (or the run's) to report
         return None

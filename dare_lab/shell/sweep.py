@@ -45,6 +45,33 @@ _LAUNCHER_LOGGERS = ("hydra._internal.core_plugins.basic_launcher", "hydra_plugi
                      "hydra._internal.utils", "hydra")
 
 
+class PivotError(ValueError):
+    """``summary.pivot`` names no swept key (one line; checked before job 0)."""
+
+
+def _swept_keys(overrides: list[str]) -> list[str]:
+    sweeps = ("range(", "choice(", "interval(", "glob(")
+    return [o.split("=", 1)[0].lstrip("+~") for o in overrides
+            if "=" in o and ("," in o.split("=", 1)[1] or o.split("=", 1)[1].startswith(sweeps))]
+
+
+def check_pivot(pivot: Any, overrides: list[str]) -> str | None:
+    """``pivot`` when it is None or a swept key of ``overrides`` (whole or its last dotted part)."""
+    if pivot is None:
+        return None
+    swept = _swept_keys(overrides)
+    if not isinstance(pivot, str) or (pivot not in swept and pivot not in [k.rsplit(".", 1)[-1] for k in swept]):
+        raise PivotError(f"summary.pivot={pivot!r} is not a swept key; swept: {swept}")
+    return pivot
+
+
+def _pivot(config: DictConfig) -> str | None:
+    from omegaconf import OmegaConf
+
+    return check_pivot(OmegaConf.select(config, "summary.pivot", default=None),
+                       list(OmegaConf.select(config, "hydra.overrides.task") or []))
+
+
 class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         for name in _LAUNCHER_LOGGERS:
@@ -64,9 +91,11 @@ class SweepSummary(Callback):
             return
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        path = write_sweep_summary(Path(config.hydra.sweep.dir))
+        pivot = _pivot(config)
+        path = write_sweep_summary(Path(config.hydra.sweep.dir), pivot)
         if path is not None:
-            print(f"dare-lab: sweep summary written to {path} (and summary.csv)")
+            extra = f", summary_by_{pivot.rsplit('.', 1)[-1]}.md" if pivot else ""
+            print(f"dare-lab: sweep summary written to {path} (and summary.csv{extra})")
 
 
 # ---------------------------------------------------------------- run/sweep directory guard

@@ -5,13 +5,11 @@ Both are ``summary.csv`` + ``summary.md``, each written atomically.
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dare_lab.tracking.files import atomic_write, flatten, rows_to_csv, rows_to_markdown
+from dare_lab.tracking.files import atomic_write, flatten, rows_to_csv, rows_to_markdown, safe_name, write_table
 
 
 WIDE_METRICS = 12
@@ -19,17 +17,12 @@ WIDE_METRICS = 12
 it, long (a row per run and metric). ``summary.csv`` is always wide."""
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        try:
-            import fcntl
+def _locked(path: Path):
+    """An exclusive lock (``filelock``) held while one writer rebuilds a summary."""
+    from filelock import FileLock
 
-            fcntl.flock(f, fcntl.LOCK_EX)
-        except ImportError:  # pragma: no cover - Windows
-            pass
-        yield
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path))
 
 
 def _read_json(path: Path) -> Any:
@@ -120,10 +113,26 @@ def swept_columns(rows: list[dict[str, Any]]) -> dict[str, str]:
     return {k: (s if short.count(s) == 1 else k) for k, s in zip(swept, short)}
 
 
-def write_sweep_summary(sweep_dir: Path) -> Path | None:
+def pivot_rows(table: list[dict[str, Any]], on: str, keys: list[str], metrics: list[str]) -> list[dict[str, Any]]:
+    """A wide table: one row per (other swept keys, metric), one column ``<on>=<value>`` per value
+    of the swept column ``on``, in job order (a redundancy curve or a method × p grid)."""
+    values = list(dict.fromkeys(r.get(on) for r in table))
+    out: dict[tuple, dict[str, Any]] = {}
+    for r in table:
+        for m in metrics:
+            if r.get(m) is None:
+                continue
+            ident = tuple(r.get(k) for k in keys) + (m,)
+            row = out.setdefault(ident, {**{k: r.get(k) for k in keys}, "metric": m})
+            row[f"{on}={r.get(on)}"] = r[m]
+    return [dict(row, **{f"{on}={v}": row.get(f"{on}={v}") for v in values}) for row in out.values()]
+
+
+def write_sweep_summary(sweep_dir: Path, pivot: str | None = None) -> Path | None:
     """The sweep as a paper table: ``summary.md`` has one row per job, one column per swept
-    key and one per metric; ``summary.csv`` adds each job's overrides and run identity.
-    Returns the Markdown path."""
+    key and one per metric; ``summary.csv`` adds each job's overrides and run identity. With
+    ``pivot`` (a swept column, e.g. ``drop_rate``) also ``summary_by_<pivot>.csv|md``: one
+    column per value of it (:func:`pivot_rows`). Returns the Markdown path."""
     rows = collect_sweep(sweep_dir)
     if not rows:
         return None
@@ -136,4 +145,12 @@ def write_sweep_summary(sweep_dir: Path) -> Path | None:
     sweep_dir = Path(sweep_dir)
     atomic_write(sweep_dir / "summary.csv", rows_to_csv(table, [*head, "overrides", "run_id"]))
     atomic_write(sweep_dir / "summary.md", rows_to_markdown(table, head))
+    if pivot:
+        pivot = cols.get(pivot, pivot)  # a whole override key or its column name
+        if pivot not in cols.values():
+            raise ValueError(f"summary.pivot={pivot!r} is not a swept key of this sweep; swept: {list(cols.values())}")
+        others = [c for c in cols.values() if c != pivot]
+        numeric = [m for m in metrics if all(isinstance(r.get(m), (int, float)) or r.get(m) is None for r in table)]
+        wide = pivot_rows(table, pivot, others, numeric)
+        write_table(sweep_dir / f"summary_by_{safe_name(pivot)}", wide)
     return sweep_dir / "summary.md"

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from dare_lab.engine.lora import is_adapter_dir, open_model
 from dare_lab.engine.plan import TensorPlan, plan_merge
 from dare_lab.engine.scope import Scope
 from dare_lab.engine.sources import CheckpointReader, ChunkReader, StateDictSource, TensorSource
@@ -244,9 +245,13 @@ class _TorchThreads:
             torch.set_num_threads(self.saved)
 
 
-def _open(ref: str | os.PathLike | TensorSource, label: str) -> TensorSource:
+def _open(ref: str | os.PathLike | TensorSource, label: str, base: TensorSource | None = None) -> TensorSource:
+    """A source as is; a PEFT LoRA adapter directory (pool members only) as θ_PRE + scale·B·A
+    over ``base`` (:mod:`dare_lab.engine.lora`); else a lazy checkpoint reader."""
     if hasattr(ref, "get") and hasattr(ref, "names"):
         return ref  # already a source
+    if is_adapter_dir(ref):
+        return open_model(ref, label, base)
     return CheckpointReader(ref, label=label)
 
 
@@ -347,7 +352,7 @@ def merge_models(
         raise ValueError(f"threads must be >= 1, got {threads}")
     scope = scope or Scope()
     base_src = _open(base, "base")
-    srcs = {str(m): _open(ref, str(m)) for m, ref in models.items()}
+    srcs = {str(m): _open(ref, str(m), base_src) for m, ref in models.items()}
     method, order = canonical_order(method, list(srcs))
     srcs = {m: srcs[m] for m in order}   # every path accumulates in this order: listing order cannot change bits
     for src in (base_src, *srcs.values()):

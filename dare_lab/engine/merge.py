@@ -6,7 +6,9 @@ so peak memory is the interpreter plus a few chunk buffers per worker thread (TI
 tensor's output in a staging buffer, patched there once the majority sign is known, and |δ| of
 one tensor in fp32 where its threshold is searched over the whole tensor). Results are bit for bit those of the
 whole-tensor path (:func:`_merge_one_reference`), which also handles NaN/Inf errors.
-See docs/performance.md.
+TIES with ``trim_scope: model`` first finds each model's whole-model threshold in streamed passes
+(:mod:`dare_lab.engine.global_trim`), then merges every tensor on the whole-tensor path with those
+thresholds. See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 
 from dare_lab.engine.lora import is_adapter_dir, open_model
+from dare_lab.engine.global_trim import RESTART, FixedTrimMerge, ModelTrim, StreamedDeltas, model_thresholds
 from dare_lab.engine.plan import TensorPlan, plan_merge
 from dare_lab.engine.scope import Scope
 from dare_lab.engine.sources import CheckpointReader, ChunkReader, StateDictSource, TensorSource
@@ -68,14 +71,29 @@ def _target_dtype(plan: TensorPlan, out_dtype: torch.dtype | None) -> torch.dtyp
 
 
 def _merge_one_reference(plan: TensorPlan, base: TensorSource, models: Mapping[str, TensorSource], method: MergeMethod,
-                         dtype: torch.dtype, out_dtype: torch.dtype | None) -> torch.Tensor:
-    """The whole-tensor path: load every input tensor, ``method.merge_tensor``, cast."""
+                         dtype: torch.dtype, out_dtype: torch.dtype | None,
+                         thresholds: Mapping[str, float] | None = None) -> torch.Tensor:
+    """The whole-tensor path: load every input tensor, ``method.merge_tensor``, cast.
+    ``thresholds``: whole-model TIES thresholds (``trim_scope: model``)."""
     target = _target_dtype(plan, out_dtype)
     if not plan.merge:
         t = base.get(plan.name)
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise NonFiniteError(f"NaN/Inf in tensor {plan.name!r} of the base model {base.label!r}")
         return t.to(target)
+    theta0, thetas = _load_inputs(plan, base, models, dtype)
+    if thresholds is None:
+        merged = method.merge_tensor(plan.name, theta0, thetas)
+    else:
+        merged = method.merge_tensor(plan.name, theta0, thetas, thresholds=thresholds)
+    if not torch.isfinite(merged).all():
+        raise NonFiniteError(f"NaN/Inf in the merged tensor {plan.name!r}")
+    return merged.to(target)
+
+
+def _load_inputs(plan: TensorPlan, base: TensorSource, models: Mapping[str, TensorSource],
+                 dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """θ_PRE and every θ_k of one merged tensor in the compute dtype, checked finite."""
     theta0 = base.get(plan.name, dtype)
     if not torch.isfinite(theta0).all():
         raise NonFiniteError(f"NaN/Inf in tensor {plan.name!r} of the base model {base.label!r}")
@@ -87,15 +105,57 @@ def _merge_one_reference(plan: TensorPlan, base: TensorSource, models: Mapping[s
         if not torch.isfinite(t).all():
             raise NonFiniteError(f"NaN/Inf in the delta of tensor {plan.name!r} of model {m!r}")
         thetas[m] = t
-    merged = method.merge_tensor(plan.name, theta0, thetas)
-    if not torch.isfinite(merged).all():
-        raise NonFiniteError(f"NaN/Inf in the merged tensor {plan.name!r}")
-    return merged.to(target)
+    return theta0, thetas
+
+
+def _whole_model_trim(plans: list[TensorPlan], base: TensorSource, models: Mapping[str, TensorSource],
+                      method: MergeMethod, dtype: torch.dtype, threads: int) -> ModelTrim:
+    """TIES ``trim_scope: model``: each model's threshold over all its merged tensors, found in
+    streamed passes over the tensors, chunk by chunk (the streamed merge's reads and sparsifier
+    draws; sparsifiers it does not stream, and NaN/Inf, take the whole-tensor loads)."""
+    if getattr(method, "overrides", None):
+        raise ValueError("TIES trim_scope=model does not combine with method.overrides (per-model / per-tensor "
+                         "knobs); use trim_scope=tensor or drop the overrides")
+    names = list(models)
+
+    def whole(plan: TensorPlan):
+        theta0, thetas = _load_inputs(plan, base, models, dtype)   # raises the documented NaN/Inf errors
+        yield from zip(thetas, method.sparsified_deltas(plan.name, theta0, thetas))
+
+    def deltas_of(plan: TensorPlan):
+        if not _streams(plan, method):
+            yield from whole(plan)
+            return
+        readers = [_chunk_reader(base, plan.name, "in_base")]
+        try:
+            readers += [_chunk_reader(models[m], plan.sources[m], f"in_{i}") for i, m in enumerate(names)]
+            job = StreamedDeltas(method, plan.name, math.prod(plan.shape), names, readers[0], readers[1:], dtype,
+                                 _CHUNK or CHUNK)
+            try:
+                for k, d in job.pieces():
+                    yield names[k], d
+                return
+            except NonFiniteChunk:
+                pass
+        finally:
+            for r in readers:
+                r.close()
+        yield RESTART
+        yield from whole(plan)
+
+    merged = [p for p in plans if p.merge]
+    return model_thresholds(deltas_of, merged, list(models), method.merger.retain_ratio, dtype,
+                            run=lambda ps, work: _run_all(list(ps), work, threads))
 
 
 # Streamed fast path (``dare_lab.engine.streamed``); tests switch it off to compare with the reference.
 _FAST = True
 _CHUNK = None   # entries per chunk (None: dare_lab.engine.streamed.CHUNK); tests shrink it
+
+
+def _streams(plan: TensorPlan, method: MergeMethod) -> bool:
+    """Whether this tensor goes through the streamed fast path (else the whole-tensor path)."""
+    return _FAST and plan.merge and getattr(method, "streamable", True) and method.sparsifier.streamed
 
 
 def _chunk_reader(src: TensorSource, name: str, key: str):
@@ -117,15 +177,18 @@ def _into(flat: torch.Tensor) -> tuple[Callable[[int, torch.Tensor], None], Call
 
 def _merge_one(plan: TensorPlan, base: TensorSource, models: Mapping[str, TensorSource], method: MergeMethod,
                dtype: torch.dtype, out_dtype: torch.dtype | None,
-               writer: ShardedSafetensorsWriter | None = None) -> torch.Tensor | None:
+               writer: ShardedSafetensorsWriter | None = None,
+               thresholds: Mapping[str, float] | None = None) -> torch.Tensor | None:
     """Merge one tensor; with ``writer`` it is written (returns None), else returned.
+    ``thresholds`` (TIES ``trim_scope: model``): each model's whole-model threshold.
 
     Merged tensors stream chunk by chunk through :class:`StreamedMerge` (inputs ``pread`` per
     chunk, output chunks ``pwrite``-n in place); a NaN/Inf anywhere sends the tensor back through
     :func:`_merge_one_reference`, which raises the documented error.
     """
-    if not (_FAST and plan.merge and getattr(method, "streamable", True) and method.sparsifier.streamed):  # per-model/tensor knobs: reference path
-        t = _merge_one_reference(plan, base, models, method, dtype, out_dtype)
+    thresholds = thresholds if plan.merge else None
+    if not _streams(plan, method):  # per-model/tensor knobs: reference path
+        t = _merge_one_reference(plan, base, models, method, dtype, out_dtype, thresholds)
         if writer is None:
             return t
         writer.write(plan.name, t)
@@ -136,7 +199,11 @@ def _merge_one(plan: TensorPlan, base: TensorSource, models: Mapping[str, Tensor
     readers = [_chunk_reader(base, plan.name, "in_base")]
     try:
         readers += [_chunk_reader(models[m], plan.sources[m], f"in_{i}") for i, m in enumerate(names)]
-        job = StreamedMerge(method, plan.name, n, names, readers[0], readers[1:], dtype, _CHUNK or CHUNK)
+        if thresholds is None:
+            job = StreamedMerge(method, plan.name, n, names, readers[0], readers[1:], dtype, _CHUNK or CHUNK)
+        else:   # TIES trim_scope: model — the streamed TIES with each model's whole-model cut
+            job = FixedTrimMerge(method, plan.name, n, names, readers[0], readers[1:], dtype, _CHUNK or CHUNK,
+                                 thresholds=[thresholds[m] for m in names])
         if writer is not None and method.merger.kind == "ties":
             # TIES patches entries once the tensor's majority sign is known: merge into the
             # writer's staging buffer, patch there, write once (no read-back of written data)
@@ -144,7 +211,7 @@ def _merge_one(plan: TensorPlan, base: TensorSource, models: Mapping[str, Tensor
             try:
                 job.run(*_into(staged))
             except NonFiniteChunk:
-                writer.write(plan.name, _merge_one_reference(plan, base, models, method, dtype, out_dtype))
+                writer.write(plan.name, _merge_one_reference(plan, base, models, method, dtype, out_dtype, thresholds))
                 return None
             _complete_digests(readers)
             writer.write(plan.name, staged.view(plan.shape))
@@ -162,7 +229,7 @@ def _merge_one(plan: TensorPlan, base: TensorSource, models: Mapping[str, Tensor
             try:
                 job.run(emit, patch_file)
             except NonFiniteChunk:
-                writer.write(plan.name, _merge_one_reference(plan, base, models, method, dtype, out_dtype))
+                writer.write(plan.name, _merge_one_reference(plan, base, models, method, dtype, out_dtype, thresholds))
                 return None
             _complete_digests(readers)
             writer.done(plan.name)
@@ -174,7 +241,7 @@ def _merge_one(plan: TensorPlan, base: TensorSource, models: Mapping[str, Tensor
             _complete_digests(readers)
             result = result.view(plan.shape)
         except NonFiniteChunk:
-            result = _merge_one_reference(plan, base, models, method, dtype, out_dtype)
+            result = _merge_one_reference(plan, base, models, method, dtype, out_dtype, thresholds)
     finally:
         for r in readers:
             r.close()
@@ -376,16 +443,23 @@ def merge_models(
         bar = tqdm(total=len(plans), desc="merge", unit="tensor")
     tick = bar.update if bar is not None else None
     try:
+        trim = thr = None
+        if getattr(method.merger, "trim_scope", "tensor") == "model":
+            with _TorchThreads(threads):
+                trim = _whole_model_trim(plans, base_src, srcs, method, dtype, threads)
+            thr = trim.thresholds
         if out_dir is None:
             with _TorchThreads(threads):
-                results = _run_all(plans, lambda p: _merge_one(p, base_src, srcs, method, dtype, out_dtype), threads, tick)
+                results = _run_all(plans, lambda p: _merge_one(p, base_src, srcs, method, dtype, out_dtype,
+                                                               thresholds=thr), threads, tick)
             return {p.name: t for p, t in zip(plans, results)}
         entries = [(p.name, p.shape, _target_dtype(p, out_dtype)) for p in plans]
         with atomic as tmp:
             writer = ShardedSafetensorsWriter(tmp, entries, max_shard_size)
             try:
                 with _TorchThreads(threads):
-                    _run_all(plans, lambda p: _merge_one(p, base_src, srcs, method, dtype, out_dtype, writer), threads, tick)
+                    _run_all(plans, lambda p: _merge_one(p, base_src, srcs, method, dtype, out_dtype, writer, thr),
+                             threads, tick)
                 writer.finish()
             finally:
                 writer.close()
@@ -393,6 +467,8 @@ def merge_models(
             if base_dir is not None:
                 _copy_model_files(Path(base_dir), tmp, out_dtype)
             meta = _metadata(method, base_src, srcs, scope, dtype, out_dtype, plans, time.perf_counter() - started)
+            if trim is not None:
+                meta["ties_trim"] = trim.describe()
             meta["files"] = sorted({f.name for f in tmp.iterdir()} | {"README.md", MERGE_MARKER})
             (tmp / MERGE_MARKER).write_text(json.dumps(meta, indent=2, default=str))
             (tmp / "README.md").write_text(model_card(meta))

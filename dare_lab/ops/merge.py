@@ -1,13 +1,18 @@
 """Mergers of (sparsified) deltas: average, task arithmetic and TIES.
 
 Each takes the pre-trained tensor and a list of deltas δ̂_k of one tensor name and returns
-the merged tensor. They are per-tensor by construction (TIES' trim is per tensor, never over
-the whole flattened model as MergeLM does, which cannot run on LLMs).
+the merged tensor. They are per-tensor by construction: TIES' trim is per tensor by default
+(``trim_scope="tensor"``); for the official TIES code's / MergeLM's whole-model trim
+(``trim_scope="model"``) the engine first finds each model's threshold over all its merged
+tensors (:mod:`dare_lab.engine.global_trim`, streamed) and TIES then trims each tensor with
+that fixed threshold (:func:`ties_trim_threshold`, ``ties(..., thresholds=...)``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from fractions import Fraction
 
 import torch
 
@@ -46,6 +51,27 @@ def ties_trim(delta: torch.Tensor, retain_ratio: float) -> torch.Tensor:
     if not 0.0 < retain_ratio <= 1.0:
         raise ValueError(f"TIES retain_ratio={retain_ratio} is outside (0, 1]")
     keep = top_magnitude_mask(delta, keep_count(delta.numel(), 1.0 - retain_ratio))
+    return torch.where(keep, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
+
+
+def model_trim_rank(n: int, retain_ratio: float) -> int:
+    """Whole-model TIES trim (``trim_scope="model"``): the rank r, from the bottom, of the
+    threshold among a model's n merged entries: r = ⌊(1 − k)·n⌋ (k = retain_ratio, exact on the
+    decimal k). The model keeps every entry with |δ| ≥ t, t = the r-th smallest |δ| (1-based)
+    over all n entries — ties at t are all kept, so at least n − r + 1 entries survive; r = 0
+    (k = 1, or n < 1/(1−k)) keeps everything. This is MergeLM's ``ties_merging``
+    (``num_mask_params = int(n · mask_rate)``, ``kthvalue(num_mask_params)``, keep ``>=``) with
+    mask_rate = 1 − k; the official TIES code takes r = n − ⌊k·n⌋ instead, one rank higher
+    where k·n is not an integer."""
+    if not 0.0 < float(retain_ratio) <= 1.0:
+        raise ValueError(f"TIES retain_ratio={retain_ratio} is outside (0, 1]")
+    return math.floor((1 - Fraction(repr(float(retain_ratio)))) * int(n))
+
+
+def ties_trim_threshold(delta: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Keep the entries with |δ| ≥ ``threshold`` (a model's whole-model threshold, see
+    :func:`model_trim_rank`), zero the rest; a threshold of 0 keeps everything."""
+    keep = delta.abs() >= threshold
     return torch.where(keep, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
 
 
@@ -92,17 +118,24 @@ def ties_disjoint_merge(trimmed: Sequence[torch.Tensor], sign: torch.Tensor, mer
 
 def ties(base: torch.Tensor, deltas: Sequence[torch.Tensor], retain_ratio: float | Sequence[float] = 0.2,
          scaling: float = 1.0, merge_func: str = "mean", weights: Sequence[float] | None = None,
-         weighted_election: bool = False) -> torch.Tensor:
+         weighted_election: bool = False, thresholds: Sequence[float] | None = None) -> torch.Tensor:
     """TIES-merging (Yadav et al. 2023), per tensor: trim → elect sign → disjoint merge.
 
     θ = θ_PRE + λ · disjoint_merge(trim_{k_k}(δ_k)). ``retain_ratio`` is one k for every model
     or one per model. Per-model weights scale the merged entries but do not change the sign
-    election unless ``weighted_election`` is set.
+    election unless ``weighted_election`` is set. With ``thresholds`` (one per model: the
+    whole-model thresholds of ``trim_scope="model"``) the trim keeps |δ_k| ≥ t_k instead
+    (:func:`ties_trim_threshold`) and ``retain_ratio`` is not used.
     """
-    ratios = [retain_ratio] * len(deltas) if isinstance(retain_ratio, (int, float)) else list(retain_ratio)
-    if len(ratios) != len(deltas):
-        raise ValueError(f"got {len(ratios)} TIES retain ratios for {len(deltas)} models")
-    trimmed = [ties_trim(d, float(r)) for d, r in zip(deltas, ratios)]
+    if thresholds is not None:
+        if len(thresholds) != len(deltas):
+            raise ValueError(f"got {len(thresholds)} TIES trim thresholds for {len(deltas)} models")
+        trimmed = [ties_trim_threshold(d, float(t)) for d, t in zip(deltas, thresholds)]
+    else:
+        ratios = [retain_ratio] * len(deltas) if isinstance(retain_ratio, (int, float)) else list(retain_ratio)
+        if len(ratios) != len(deltas):
+            raise ValueError(f"got {len(ratios)} TIES retain ratios for {len(deltas)} models")
+        trimmed = [ties_trim(d, float(r)) for d, r in zip(deltas, ratios)]
     ws = _weights(len(deltas), weights)
     electors = [t * w for w, t in zip(ws, trimmed)] if weighted_election else trimmed
     sign = ties_elect(electors)

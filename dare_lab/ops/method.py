@@ -34,6 +34,10 @@ DETERMINISTIC_KINDS = ("none", "magnitude", "breadcrumbs")
 DEFAULT_GAMMA = 0.01
 """Breadcrumbs' default outlier fraction γ (mergekit's default)."""
 MERGERS = ("average", "task_arithmetic", "ties")
+TRIM_SCOPES = ("tensor", "model")
+"""TIES' trim scope: ``tensor`` (default: the top k of |δ_k| in each tensor, as mergekit and peft)
+or ``model`` (the official TIES code / MergeLM: one threshold per model over all its merged
+tensors, :func:`dare_lab.ops.merge.model_trim_rank`, found by the engine in a streamed pre-pass)."""
 TARGETS = ("delta", "finetuned")
 
 
@@ -149,7 +153,9 @@ class Merger:
     """How the sparsified deltas combine.
 
     average: θ_PRE + mean_k δ̂_k. task_arithmetic: θ_PRE + λ Σ_k w_k δ̂_k.
-    ties: θ_PRE + λ · disjoint_merge(trim_k(δ̂_k)) with retain ratio k and sign election.
+    ties: θ_PRE + λ · disjoint_merge(trim_k(δ̂_k)) with retain ratio k and sign election;
+    ``trim_scope`` says over what the top k is taken: each tensor, or the whole model
+    (:data:`TRIM_SCOPES`; ``model`` needs the per-model thresholds, given by the engine).
     """
 
     kind: str = "task_arithmetic"
@@ -158,23 +164,35 @@ class Merger:
     merge_func: str = "mean"
     weights: tuple[float, ...] | Mapping[str, float] | None = None   # positional (pool order) or name-keyed
     weighted_election: bool = False
+    trim_scope: str = "tensor"
 
     def __post_init__(self) -> None:
         if self.kind not in MERGERS:
             raise ValueError(f"unknown merger {self.kind!r}; choose one of {MERGERS}")
+        if not isinstance(self.trim_scope, str) or self.trim_scope not in TRIM_SCOPES:
+            raise ValueError(f"unknown TIES trim_scope {self.trim_scope!r}; choose one of {TRIM_SCOPES}")
+        if self.trim_scope != "tensor" and self.kind != "ties":
+            raise ValueError(f"trim_scope={self.trim_scope!r} applies only to merger=ties, not {self.kind}")
         if self.kind == "ties":
             if not 0.0 < float(self.retain_ratio) <= 1.0:
                 raise ValueError(f"TIES retain_ratio={self.retain_ratio} is outside (0, 1]")
             if self.merge_func not in mergers.TIES_MERGE_FUNCS:
                 raise ValueError(f"unknown TIES merge_func {self.merge_func!r}; choose one of {mergers.TIES_MERGE_FUNCS}")
 
-    def apply(self, base: torch.Tensor, deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    def apply(self, base: torch.Tensor, deltas: Sequence[torch.Tensor],
+              thresholds: Sequence[float] | None = None) -> torch.Tensor:
+        """``thresholds``: with ``trim_scope="model"``, each model's whole-model TIES threshold
+        (in the order of ``deltas``); required there, refused otherwise."""
+        if (thresholds is not None) != (self.trim_scope == "model"):
+            raise ValueError("TIES trim_scope=model needs each model's whole-model threshold (merge through "
+                             "dare_lab.engine, which computes them)" if thresholds is None
+                             else f"trim thresholds given but trim_scope={self.trim_scope!r}")
         if self.kind == "average":
             return mergers.average(base, deltas)
         if self.kind == "task_arithmetic":
             return mergers.task_arithmetic(base, deltas, self.scaling, self.weights)
         return mergers.ties(base, deltas, self.retain_ratio, self.scaling, self.merge_func,
-                            self.weights, self.weighted_election)
+                            self.weights, self.weighted_election, thresholds)
 
 
 @dataclass(frozen=True)
@@ -187,9 +205,10 @@ class MergeMethod:
     seed: int = 0
     streamable: ClassVar[bool] = True   # one set of knobs for every tensor: the engine may stream it in chunks
 
-    def merge_tensor(self, tensor_name: str, base: torch.Tensor, finetuned: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Merge one tensor: ``finetuned`` maps model name → θ_k (same dtype/shape as ``base``)."""
-        sp = self.sparsifier
+    def merge_tensor(self, tensor_name: str, base: torch.Tensor, finetuned: Mapping[str, torch.Tensor],
+                     thresholds: Mapping[str, float] | None = None) -> torch.Tensor:
+        """Merge one tensor: ``finetuned`` maps model name → θ_k (same dtype/shape as ``base``);
+        ``thresholds`` maps model name → whole-model TIES threshold (``trim_scope="model"`` only)."""
         merger = self.merger
         if isinstance(merger.weights, Mapping):   # name-keyed weights: in the order of ``finetuned``
             missing = [m for m in finetuned if m not in merger.weights]
@@ -198,13 +217,20 @@ class MergeMethod:
             from dataclasses import replace
 
             merger = replace(merger, weights=tuple(float(merger.weights[m]) for m in finetuned))
+        deltas = self.sparsified_deltas(tensor_name, base, finetuned)
+        return merger.apply(base, deltas, None if thresholds is None else [float(thresholds[m]) for m in finetuned])
+
+    def sparsified_deltas(self, tensor_name: str, base: torch.Tensor,
+                          finetuned: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """δ̂_k of one tensor for every model (in the order of ``finetuned``): what the merger sees."""
+        sp = self.sparsifier
         deltas = []
         for model, theta in finetuned.items():
             if sp.target == "finetuned":
                 deltas.append(sp.apply(theta, self.seed, model, tensor_name) - base)
             else:
                 deltas.append(sp.apply(theta - base, self.seed, model, tensor_name))
-        return merger.apply(base, deltas)
+        return deltas
 
     def describe(self) -> dict[str, Any]:
         """Plain dict of every knob (for model cards and metadata)."""

@@ -17,6 +17,9 @@ Each knob, with its formula (δ_k = θ_k − θ_PRE, computed in float32):
   | ties (θ_PRE + λ · disjoint mean of the sign-agreeing, top-``retain_ratio`` entries).
 - ``scaling``: λ. ``retain_ratio``: TIES' k, the kept fraction of each tensor's |δ| (default 0.2;
   1, no second trim, for della_ties and breadcrumbs_ties: their sparsifier is the trim, as in DELLA).
+- ``trim_scope`` (ties): tensor (default: top k of |δ̂_k| per tensor, mergekit / peft) | model (the
+  official TIES code / MergeLM: keep |δ̂_k| ≥ t_k, t_k the ⌊(1−k)·n⌋-th smallest |δ̂_k| over all n
+  merged entries of model k, ties at t_k kept; found by the engine in streamed passes).
 - ``overrides``: per-model / per-tensor-pattern values of ``drop_rate``, ``weight``,
   ``retain_ratio`` and ``scaling`` (:mod:`dare_lab.ops.overrides`; later entries win).
 - ``weights``: optional per-model w_k (task arithmetic and TIES; never changes TIES' sign
@@ -68,6 +71,7 @@ def build_method(
     gamma: float | None = None,
     rescale_q: float | str | Mapping[str, float | str] | None = None,
     rank_scope: str = "row",
+    trim_scope: str = "tensor",
 ) -> MergeMethod:
     """Build a :class:`MergeMethod` from a preset name plus plain overrides.
 
@@ -95,7 +99,10 @@ def build_method(
                 weights=None if weights is None else (
                     {str(m): float(w) for m, w in weights.items()} if isinstance(weights, Mapping)
                     else tuple(float(w) for w in weights)),
-                weighted_election=bool(weighted_election))
+                weighted_election=bool(weighted_election), trim_scope=trim_scope)
+    if overrides and mg.trim_scope == "model":
+        raise ValueError("TIES trim_scope=model does not combine with method.overrides (per-model / per-tensor "
+                         "knobs); use trim_scope=tensor or drop the overrides")
     if overrides:  # per-model / per-tensor knob values (dare_lab.ops.overrides)
         from dare_lab.ops.overrides import OverriddenMethod, parse_overrides
 

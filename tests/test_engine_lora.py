@@ -283,3 +283,20 @@ def test_two_workers_hold_at_most_two(llama):
     src = LoraSource(adapter, base, "lora")
     merge_models(base, {"lora": src}, build_method("dare_ties", drop_rate=0.5, seed=1), None, threads=2)
     assert src.materialised == len(src.targets()) and 1 <= src.peak_live <= 2 and src.live == 0
+
+
+def test_cli_takes_an_adapter_in_a_pool(llama, tmp_path):
+    import os
+    import subprocess
+
+    pool, adapter, _, full = llama
+    method = build_method("dare_task_arithmetic", drop_rate=0.5, seed=0)
+    want = merge_models(pool.base, {"ft0": pool.models["ft0"], "lora": str(adapter)}, method, tmp_path / "api")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    proc = subprocess.run(["dare-lab", "modelpool=custom", f"modelpool.base={pool.base}",
+                           f"+modelpool.models={{ft0: {pool.models['ft0']}, lora: {adapter}}}", "method.drop_rate=0.5",
+                           f"output.model_dir={tmp_path / 'cli'}", "output.progress=false", f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = _load_dir(want), _load_dir(tmp_path / "cli")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

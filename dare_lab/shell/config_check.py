@@ -379,12 +379,13 @@ def preflight_job(cfg: Any, cache: dict | None = None) -> None:
     if isinstance(mp, DictConfig) and mp.get("_target_") == _PLAIN_POOL:
         k = ("pool", key("modelpool"))
         if k not in cache:
+            from dare_lab.engine.lora import open_model
             from dare_lab.engine.sources import CheckpointReader
 
             pool = instantiate(mp, _convert_="all")
-            CheckpointReader(pool.base, label="base")
+            base_reader = CheckpointReader(pool.base, label="base")
             for name, ref in pool.models.items():
-                CheckpointReader(ref, label=name)
+                open_model(ref, name, base_reader)  # full checkpoints and LoRA adapter directories
             cache[k] = pool
         pool = cache[k]
     tp = cfg.get("taskpool")

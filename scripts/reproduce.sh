@@ -9,6 +9,7 @@
 #   fig6_embedding_similarity  Fig. 6/7: per-layer cosine similarity of token embeddings, SFT vs DARE / DropOnly
 #   table6_delta_ranges        Table 6 / Fig. 10, 18-20: deciles and |δ| histograms of deltas, with a verdict
 #                              (the paper sampled 10 % of entries: analysis.fraction=0.1)
+#   sparsifiers                beyond the paper: DARE, DropOnly, MP, DELLA, Breadcrumbs, DAREx-q vs drop rate
 #   table1_merge               Table 1 / GLUE merging: task arithmetic and TIES, with and without DARE (one sweep;
 #                              METHODS=task_arithmetic,dare_task_arithmetic,ties,dare_ties)
 #
@@ -28,7 +29,7 @@
 # in results/table1_merge/<time>/.
 set -euo pipefail
 ITEMS=(fig3_redundancy fig8_droponly fig9_magnitude fig11_finetuned_params fig6_embedding_similarity
-       table6_delta_ranges table1_merge)
+       table6_delta_ranges table1_merge sparsifiers)
 usage() { echo "usage: scripts/reproduce.sh <item> [--fast] [Hydra overrides...]; items: ${ITEMS[*]}" >&2; exit 2; }
 item="${1:-}"
 if [[ "$item" == "--list" ]]; then printf '%s\n' "${ITEMS[@]}"; exit 0; fi
@@ -43,7 +44,7 @@ if [[ "${1:-}" == "--fast" ]]; then
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # tiny models: threads only add overhead
   POOL=(modelpool=tiny_bert taskpool=none)
   case "$item" in
-    fig3_redundancy|fig8_droponly|fig9_magnitude)
+    fig3_redundancy|fig8_droponly|fig9_magnitude|sparsifiers)
       POOL+=('analysis.drop_rates=[0.0,0.5,0.9]' 'analysis.seeds=[0,1]' '+analysis.fidelity={n: 8}') ;;
     fig11_finetuned_params) POOL+=('analysis.drop_rates=[0.0,0.1,0.5]' 'analysis.seeds=[0]' '+analysis.fidelity={n: 8}') ;;
     fig6_embedding_similarity) POOL+=('analysis.drop_rates=[0.0,0.5,0.9]' 'analysis.seeds=[0]' analysis.n_texts=8) ;;

@@ -41,7 +41,7 @@ def _png(path: Path) -> None:
 
 def test_every_paper_item_has_an_entry():
     expected = {"fig3_redundancy", "fig6_embedding_similarity", "fig8_droponly", "fig9_magnitude",
-                "table6_delta_ranges", "fig11_finetuned_params", "table1_merge"}
+                "table6_delta_ranges", "fig11_finetuned_params", "table1_merge", "sparsifiers"}
     items = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce.sh"), "--list"], capture_output=True, text=True,
                            check=True).stdout.split()
     assert set(items) == expected
@@ -58,6 +58,7 @@ def test_unknown_item_is_one_line_exit_2():
     ("fig8_droponly", "fig8_droponly", {"dare", "drop_only"}),
     ("fig9_magnitude", "fig9_magnitude", {"dare", "magnitude"}),
     ("fig11_finetuned_params", "fig11_finetuned_params", {"dare", "magnitude"}),
+    ("sparsifiers", "sparsifiers", {"dare", "drop_only", "magnitude", "della", "breadcrumbs", "darex"}),
 ])
 def test_redundancy_scripts(script, experiment, methods, tmp_path, cache_dir):
     out, res = _run(script, tmp_path, cache_dir)

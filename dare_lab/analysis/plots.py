@@ -16,7 +16,8 @@ __all__ = ["METHOD_STYLE", "method_label", "line_plot", "redundancy_plot", "laye
 
 
 METHOD_STYLE = {"dare": ("DARE", "tab:red", "o"), "drop_only": ("DropOnly", "tab:blue", "s"),
-                "magnitude": ("MP", "tab:green", "^")}
+                "magnitude": ("MP", "tab:green", "^"), "della": ("DELLA", "tab:purple", "D"),
+                "breadcrumbs": ("Breadcrumbs", "tab:brown", "v"), "darex": ("DAREx-q", "tab:orange", "P")}
 
 
 def method_label(kind: str) -> str:

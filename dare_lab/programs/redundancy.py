@@ -4,8 +4,10 @@
 each sparsifier over ``analysis.seeds``; writes the raw and summary tables (CSV + Markdown),
 a paper-style wide table and one PNG per model/task under ``results/<experiment>/<run>/``.
 
-Config (``analysis.*``): methods [dare, drop_only, magnitude]; drop_rates; seeds; target
-(delta | finetuned); models (null = all); rescale_mp (false); tolerance (findings, 0.01).
+Config (``analysis.*``): methods [dare, drop_only, magnitude, and della | breadcrumbs | darex];
+drop_rates; seeds; target (delta | finetuned); models (null = all); rescale_mp (false);
+knobs (per kind, e.g. ``{della: {epsilon: 0.05}, breadcrumbs: {gamma: 0.01}}``); tolerance
+(findings, 0.01).
 """
 
 from __future__ import annotations
@@ -21,6 +23,18 @@ from dare_lab.programs.analysis_common import (TrackedRun, build_pool, build_sco
                                       print_table)
 
 
+def _knobs(node: Any) -> dict[str, dict[str, Any]] | None:
+    """``analysis.knobs``: per sparsifier kind its own knobs (nulls dropped: the kind's default)."""
+    from omegaconf import OmegaConf
+
+    if node is None:
+        return None
+    plain = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    if not isinstance(plain, dict) or not all(isinstance(v, dict) for v in plain.values()):
+        raise ValueError(f"analysis.knobs={plain!r}: expected {{kind: {{knob: value}}}}, e.g. {{della: {{epsilon: 0.05}}}}")
+    return {str(k): {kk: vv for kk, vv in v.items() if vv is not None} for k, v in plain.items()}
+
+
 def run(cfg: DictConfig, run_dir: Path | None = None, target: str | None = None) -> dict[str, Any]:
     a = lambda k, d=None: cfg_get(cfg, f"analysis.{k}", d)  # noqa: E731
     target = target or a("target", "delta")
@@ -31,7 +45,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None, target: str | None = None)
     tr = TrackedRun(cfg)
     rows = R.redundancy_curves(pool, taskpool, methods, drop_rates, seeds, target=target, scope=build_scope(cfg),
                                models=a("models"), rescale_mp=bool(a("rescale_mp", False)),
-                               work_dir=a("work_dir") or (Path(run_dir) / "work" if run_dir else None))
+                               work_dir=a("work_dir") or (Path(run_dir) / "work" if run_dir else None),
+                               knobs=_knobs(a("knobs")))
     summary = R.summarize(rows)
     tr.table("redundancy_raw", rows)
     tr.table("redundancy", summary)

@@ -32,8 +32,9 @@ import torch
 
 from dare_lab.engine.pool import ModelPool
 from dare_lab.taskpool.base import plain_config
-from dare_lab.taskpool.generation.backends import (BackendUnavailable, Worker, WorkerError, one_line, route_backend_spec,
-                                                   vllm_available)
+from dare_lab.taskpool.generation.backends import (BackendUnavailable, Worker, WorkerError, check_backend_spec, one_line,
+                                                   route_backend_spec, vllm_available)
+from dare_lab.taskpool.generation.data import is_local_dataset, local_data_files
 from dare_lab.tracking.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -247,7 +248,8 @@ class LMEvalTaskPool:
                  tokenizer: str | None = None, output_dir: str | None = None, log_samples: bool = False, seed: int = 0,
                  num_threads: int | None = None, name: str = "lm_eval") -> None:
         self.tasks = expand_tasks(tasks, num_fewshot)
-        self.backend_name, self.backend_opts = route_backend_spec(plain_config(backend), exclusive=EXCLUSIVE_OPTIONS,
+        self.backend_spec = plain_config(backend)
+        self.backend_name, self.backend_opts = route_backend_spec(self.backend_spec, exclusive=EXCLUSIVE_OPTIONS,
                                                                   what="lm-eval")
         self.worker_target = _vllm_worker  # the vLLM worker's entry (a module-level function; tests swap it)
         inc = plain_config(include_path)
@@ -261,6 +263,55 @@ class LMEvalTaskPool:
                      "bootstrap_iters": bootstrap_iters, "seed": seed, "log_samples": _flag(log_samples, "log_samples")}
         self.tokenizer, self.output_dir, self.name = tokenizer, output_dir, name
         self.num_threads = num_threads  # CPU intra-op threads during evaluation (None: torch's default)
+
+    def preflight(self, pool: ModelPool | None = None) -> None:
+        """Before the merge: lm-eval (and vLLM for ``backend.name: vllm``) is installed, the
+        backend's typed options (``taskpool.backend.hf.trust_remote_code`` a real boolean, vLLM
+        counts positive integers), ``num_fewshot`` / ``limit`` in range, ``include_path`` exists,
+        and every task name resolves with lm-eval's ``TaskManager(include_path, include_defaults)``
+        (indexing lm-eval's own tasks takes ~15 s; ``include_defaults: false`` is instant).
+        One-line ValueError / FileNotFoundError."""
+        import importlib.util
+
+        if importlib.util.find_spec("lm_eval") is None:
+            raise ValueError("taskpool (lm-eval): the lm-eval package is not installed: pip install 'dare_lab[lmeval]'")
+        check_backend_spec(self.backend_spec, exclusive=EXCLUSIVE_OPTIONS, what="lm-eval")
+        for t in self.tasks:
+            shots = t.get("num_fewshot")
+            if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 0):
+                raise ValueError(f"lm-eval task {t['task']}: num_fewshot={shots!r}: expected a non-negative integer")
+        limit = self.opts.get("limit")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0
+                                  or (isinstance(limit, float) and limit > 1)):
+            raise ValueError(f"taskpool.limit={limit!r}: expected a positive integer (examples per task) or a fraction in (0, 1]")
+        inc = self.opts.get("include_path")
+        for p in inc or []:
+            if not Path(p).exists():
+                raise FileNotFoundError(f"taskpool.include_path: {p} does not exist")
+        if not isinstance(self.opts.get("include_defaults"), bool):
+            raise ValueError(f"taskpool.include_defaults={self.opts.get('include_defaults')!r}: expected true or false")
+        from lm_eval.tasks import TaskManager
+
+        tm = TaskManager(include_path=inc, include_defaults=self.opts["include_defaults"])
+        known = set(tm.all_tasks)
+        unknown = [t["task"] for t in self.tasks if t["task"] not in known]
+        if unknown:
+            import difflib
+
+            hint = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+            raise ValueError(f"unknown lm-eval task(s) {unknown} (include_path={inc}, include_defaults="
+                             f"{self.opts['include_defaults']})" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+        for t in self.tasks:  # local task YAMLs: their data files exist
+            entry = getattr(tm, "task_index", {}).get(t["task"])
+            cfg = getattr(entry, "cfg", None)
+            if not isinstance(cfg, Mapping):
+                continue
+            source = {"path": cfg.get("dataset_path"), **dict(cfg.get("dataset_kwargs") or {})}
+            if source["path"] and is_local_dataset(source):
+                for f in local_data_files(source):
+                    if not any(c in f for c in "*?[") and not Path(f).expanduser().exists():
+                        raise FileNotFoundError(f"lm-eval task {t['task']} ({getattr(entry, 'yaml_path', '?')}): "
+                                                f"data file {f} does not exist")
 
     def _groups(self) -> dict[Any, list[str]]:
         groups: dict[Any, list[str]] = {}

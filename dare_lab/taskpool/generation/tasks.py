@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from dare_lab.taskpool.generation import math_scoring as ms
 from dare_lab.taskpool.generation.code import scoring as cs
@@ -61,6 +61,39 @@ class Task:
     def score(self, records: Sequence[dict], completions: Sequence[Sequence[str]], ctx: dict) -> tuple[dict, list[dict]]:
         raise NotImplementedError
 
+    # fields every record needs: each entry is a tuple of alternatives (one of them, non-empty)
+    fields: ClassVar[tuple[tuple[str, ...], ...]] = ()
+    # fields whose value must be a list of strings (MBPP's test_list)
+    list_fields: ClassVar[tuple[str, ...]] = ()
+
+    def check_record(self, rec: Any) -> str | None:
+        """Why ``rec`` cannot be prompted or scored (None: it can): a missing or empty required
+        field, a field of the wrong type, a gold answer the scorer cannot read."""
+        if not isinstance(rec, dict):
+            return f"is a {type(rec).__name__}, expected a record (an object of fields)"
+        for alternatives in self.fields:
+            present = [k for k in alternatives if rec.get(k) not in (None, "")]
+            if not present:
+                want = " or ".join(repr(k) for k in alternatives)
+                return f"has no {want} field (it has {sorted(map(str, rec))})"
+        for k in self.list_fields:
+            v = rec.get(k)
+            if not isinstance(v, (list, tuple)) or not all(isinstance(t, str) for t in v):
+                return f"field {k!r} must be a list of strings, got {str(v)[:60]!r}"
+        return None
+
+    def needs(self) -> str:
+        """The required fields, for error messages."""
+        return ", ".join("/".join(a) for a in self.fields)
+
+
+def check_records(task: Task, records: Sequence[Any], where: str) -> None:
+    """Raise one ValueError line naming ``task``, ``where`` and the first bad record (0-based)."""
+    for i, rec in enumerate(records):
+        why = task.check_record(rec)
+        if why:
+            raise ValueError(f"task {task.name}: record {i} of {where} {why}; a {task.name} record needs {task.needs()}")
+
 
 def _accuracy(details: list[dict], key: str = "correct") -> float:
     return sum(bool(d[key]) for d in details) / len(details) if details else 0.0
@@ -92,6 +125,17 @@ class _AnswerTask(Task):
 
 
 class GSM8KTask(_AnswerTask):
+    fields = (("question",), ("answer",))
+
+    def check_record(self, rec):
+        why = super().check_record(rec)
+        if why is None and self.protocol == "paper":
+            try:
+                ms.paper_gsm8k_gold(rec["answer"])
+            except ValueError as e:
+                return f"has an answer the paper's scorer cannot read ({e})"
+        return why
+
     def instruction(self, rec, template):
         return rec["question"]
 
@@ -100,6 +144,8 @@ class GSM8KTask(_AnswerTask):
 
 
 class MATHTask(_AnswerTask):
+    fields = (("problem", "instruction"), ("solution", "output", "answer"))
+
     def instruction(self, rec, template):
         return ms.math_problem(rec)
 
@@ -118,6 +164,8 @@ def _code_metrics(results: list[list[bool]]) -> dict[str, float]:
 
 
 class HumanEvalTask(Task):
+    fields = (("task_id",), ("prompt",), ("test",), ("entry_point",))
+
     def instruction(self, rec, template):
         if self.protocol == "paper":
             return rec["prompt"].replace("    ", "\t")  # the paper's prompt indents with tabs
@@ -156,6 +204,9 @@ class HumanEvalTask(Task):
 
 
 class MBPPTask(HumanEvalTask):
+    fields = (("text",), ("test_list",))
+    list_fields = ("test_list",)
+
     def instruction(self, rec, template):
         if self.protocol == "paper":
             return cs.mbpp_problem_text(rec).replace("    ", "\t")
@@ -169,6 +220,8 @@ class MBPPTask(HumanEvalTask):
 
 
 class AlpacaEvalTask(Task):
+    fields = (("instruction",),)
+
     def instruction(self, rec, template):
         return rec["instruction"]
 

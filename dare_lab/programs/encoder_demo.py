@@ -7,7 +7,8 @@
 3. Merges of the two task models (task arithmetic / TIES, with and without DARE), each task
    scored as merged body + its own head. A list of scaling terms λ is searched on the
    validation split (the paper's protocol); the best λ is reported on the test split.
-4. A printed table, ``demo_results.json``/``demo_results.csv`` and ``demo.png`` in the run dir.
+4. A printed table, ``demo_results.json``/``demo_results.csv`` and ``demo.png`` in the run dir;
+   with ``tracker=local|wandb`` the same tables and plot go to the tracker too.
 
     dare-lab experiment=encoder_demo
     dare-lab experiment=encoder_demo demo.drop_rates='[0,0.3,0.6,0.9,0.99]' demo.mask_seeds='[0,1,2]'
@@ -205,6 +206,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     _write_csv(table, run_dir / "demo_results.csv")
     png = _plot(table, tasks, run_dir / "demo.png")
     print(f"dare-lab demo: plot saved to {png}")
+    _log_to_tracker(table, tasks, png)
 
     metrics: dict[str, Any] = {}
     for row in table:
@@ -213,6 +215,29 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     metrics["demo/seconds"] = round(elapsed, 1)
     metrics["demo/pool_seconds"] = round(t_pool, 1)
     return metrics
+
+
+def _log_to_tracker(table: list[dict], tasks: list[str], png: Path) -> None:
+    """The demo's tables and plot on the active tracker (``tracker=local|wandb``), if any:
+    ``demo_results`` (every row), ``dare_sweep`` (accuracy per task and drop rate, also as a
+    line plot) and the ``demo`` image."""
+    from dare_lab import tracking
+
+    tracker = tracking.current()
+    if tracker is None:
+        return
+    keys: list[str] = []
+    for r in table:
+        keys += [k for k in r if k not in keys]
+    tracker.log_table("demo_results", table, keys)
+    ps = sorted({r["p"] for r in table if r["section"] == "dare"})
+    acc = {(r["task"], r["p"]): r[PRIMARY] for r in table if r["section"] == "dare"}
+    sweep = [{"p": p, **{t: acc.get((t, p)) for t in tasks}} for p in ps]
+    tracker.log_table("dare_sweep", sweep, ["p", *tasks])
+    if ps and all(acc.get((t, p)) is not None for t in tasks for p in ps):
+        tracker.log_line("dare_sweep_curve", ps, {t: [acc[(t, p)] for p in ps] for t in tasks},
+                         xname="drop rate p", yname="test accuracy", title="DARE on each fine-tuned model")
+    tracker.log_image("demo", png)
 
 
 def _print_table(table: list[dict], tasks: list[str], elapsed: float, t_pool: float) -> None:

@@ -8,6 +8,10 @@ exit status 2. A failing run removes only what it created (:func:`cleanup_failed
 directory that existed before is never removed, and a complete merged model is kept and its
 path printed, whatever failed after it.
 
+With ``tracker=local|wandb`` each run or sweep job gets one tracker (:func:`start_tracker`),
+active while its program runs: the program logs its tables and images to it, and the run's
+metrics become its summary (``dare_lab.tracking.for_run``; files in the run directory).
+
 Sweeps resume: a job whose run identity (see :mod:`dare_lab.shell.run_identity`) already has a
 complete entry in ``resume.registry`` is skipped and its recorded results are reused;
 ``resume.force=true`` reruns it anyway.
@@ -111,6 +115,7 @@ def resume_settings(cfg: DictConfig, multirun: bool) -> tuple[bool, bool, Path |
 
 
 _LEFTOVERS = ("metrics.json", "config.yaml", "run.json")
+TRACKER_NAMES = ("tables", "lines", "plots", "metrics_history.jsonl", "wandb", ".eval.tmp")
 
 
 def _recorded_id(run_dir: Path) -> str | None:
@@ -153,7 +158,8 @@ def _is_complete_model(path: Path) -> bool:
 # default merged model and the engine's hidden temporaries); in a directory that existed
 # before the run, only these — and only when they were not there before — are removed.
 def _own_names(run_dir: Path, hc: Any) -> set[str]:
-    names = {"config.yaml", "metrics.json", "run.json", "merged", LOCK_NAME}
+    names = {"config.yaml", "metrics.json", "run.json", "merged", LOCK_NAME,
+             *TRACKER_NAMES}  # tracker=local|wandb files (tables/, plots/, wandb/, ...)
     if hc is None:  # Hydra's defaults
         names.add(".hydra")
     sub = getattr(hc, "output_subdir", None)
@@ -254,6 +260,52 @@ def fail(exc: BaseException, run_dir: Path | None = None, hc: Any = None) -> Non
     sys.exit(2)
 
 
+def tracker_names(cfg: DictConfig, hc: Any, run_dir: Path) -> tuple[str, str | None]:
+    """(run name, group) of a run's tracker.
+
+    The name is the job's overrides, secrets masked — in a sweep only the swept keys' values
+    (``method.drop_rate=0.9,method.seed=1``); none: the run directory's name. The group is the
+    sweep, ``<experiment>_<sweep dir name>`` (single runs: None, the tracker's default, the
+    experiment)."""
+    from dare_lab.tracking import experiment_name
+
+    kept = [str(o) for o in hc.overrides.task  # not the run's identity: where it is tracked and saved
+            if not str(o).lstrip("+~").startswith(("experiment=", "run_name=", "hydra.", "tracker", "output.", "resume."))]
+    swept = _swept_keys(hc) if _is_multirun(hc) else None
+    if swept:  # only the values this job's sweep varies
+        kept = [o for o in kept if o.partition("=")[0].lstrip("+~") in swept] or kept
+    kept = sorted(kept)  # the method's values first, then the shortest (long paths last)
+    kept.sort(key=lambda o: (not o.lstrip("+~").startswith("method"), len(o) > 40))
+    name = redact_text(",".join(kept)) if kept else run_dir.name
+    if len(name) > 128:  # W&B's display-name limit
+        name = name[:127] + "…"
+    group = f"{experiment_name(cfg)}_{Path(str(hc.sweep.dir)).name}" if _is_multirun(hc) else None
+    return name, group
+
+
+def _swept_keys(hc: Any) -> set[str] | None:
+    """The keys a sweep varies (its ``a=1,2`` / ``range()`` / ``choice()`` overrides, as Hydra's
+    parser sees them in the sweep's ``multirun.yaml``); None when that file is unreadable."""
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        task = OmegaConf.load(Path(str(hc.sweep.dir)) / "multirun.yaml").hydra.overrides.task
+        parsed = OverridesParser.create().parse_overrides([str(o) for o in task])
+        return {o.key_or_group for o in parsed if o.is_sweep_override()}
+    except Exception:  # noqa: BLE001 - fall back to every override
+        return None
+
+
+def start_tracker(cfg: DictConfig, hc: Any, run_dir: Path):
+    """The run's tracker (``tracker=local|wandb``; None for ``tracker=none``), started with the
+    redacted config and active, so the program logs its tables and images to it; its files go
+    into ``run_dir`` (``tables/``, ``plots/``, ``wandb/``)."""
+    from dare_lab import tracking
+
+    name, group = tracker_names(cfg, hc, run_dir)
+    return tracking.for_run(cfg, run_dir, redact(config_container(cfg)), run_name=name, group=group)
+
+
 def run_job(cfg: DictConfig) -> dict[str, Any]:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -280,10 +332,23 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         check_settings(cfg)
         check_targets(cfg)
         program = load_program(cfg.program)
-        metrics = program(cfg, run_dir)
-        atomic_write(run_dir / "config.yaml", config_yaml)
-        write_json(run_dir / "metrics.json", metrics)
-        write_json(run_dir / "run.json", {"run_id": rid, "status": "complete"})
+        tracker = start_tracker(cfg, hc, run_dir)
+        try:
+            metrics = program(cfg, run_dir)
+            atomic_write(run_dir / "config.yaml", config_yaml)
+            write_json(run_dir / "metrics.json", metrics)
+            write_json(run_dir / "run.json", {"run_id": rid, "status": "complete"})
+            if tracker is not None:  # the run's metrics (merge/seconds, the taskpool's) as history and summary
+                flat = {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
+                tracker.log_metrics(flat)
+                tracker.finish(summary=flat)
+        except BaseException:
+            if tracker is not None:
+                try:
+                    tracker.finish(failed=True)  # idempotent: a finished run stays as it is
+                except Exception:  # noqa: BLE001 - the run's own error is the one to report
+                    pass
+            raise
         if enabled:  # the last step: from now on a relaunch skips this run
             record_complete(registry, rid, config_yaml, metrics, run_dir)
     except Exception as exc:  # noqa: BLE001 - reported as one line below

@@ -56,6 +56,7 @@ class Tracker:
         self.run_name = run_name
         self.started = False
         self.finished = False
+        self.failed = False
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, experiment: str | None = None, run_name: str | None = None,
@@ -72,11 +73,13 @@ class Tracker:
         if not self.started:
             self.start()
 
-    def finish(self, summary: Mapping[str, Any] | None = None) -> None:
+    def finish(self, summary: Mapping[str, Any] | None = None, failed: bool = False) -> None:
+        """End the run (idempotent); ``failed``: the run raised (W&B records exit code 1)."""
         if self.finished or not self.started:
             self.finished = True
             return
         self.finished = True
+        self.failed = bool(failed)
         self._finish(dict(summary or {}))
 
     # -- logging ---------------------------------------------------------------------------

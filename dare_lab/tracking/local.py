@@ -15,6 +15,12 @@ Layout::
 
 The root is ``results`` in the directory the command was started from (Hydra's original
 cwd), or ``$DARE_LAB_RESULTS``, or the ``root`` argument.
+
+With ``run_dir`` (what ``dare-lab`` passes: the Hydra run or sweep-job directory) the run's
+files go straight into that one directory — ``tables/``, ``lines/``, ``plots/`` and
+``metrics_history.jsonl`` — and ``config.yaml`` / ``metrics.json`` are left to the CLI, which
+writes them (secrets redacted) when the run completes; no experiment summary is written (a
+sweep's ``summary.csv|md`` joins its jobs).
 """
 
 from __future__ import annotations
@@ -53,10 +59,11 @@ class LocalTracker(Tracker):
     """Writes config, metrics, tables and plots under ``<root>/<experiment>/<run>/``."""
 
     def __init__(self, root: str | Path | None = None, experiment: str | None = None, run_name: str | None = None,
-                 summary: bool = True) -> None:
+                 summary: bool = True, run_dir: str | Path | None = None) -> None:
         super().__init__(experiment, run_name)
         self.root = root
-        self.summary = summary
+        self.fixed_dir = Path(run_dir) if run_dir is not None else None
+        self.summary = summary and self.fixed_dir is None
         self.metrics: dict[str, Any] = {}
         self._dir: Path | None = None
 
@@ -77,6 +84,11 @@ class LocalTracker(Tracker):
         return root
 
     def _start(self, config: dict[str, Any]) -> None:
+        if self.fixed_dir is not None:  # the CLI's run directory: config/metrics are the CLI's
+            self._dir = self.fixed_dir
+            self.run_name = self.run_name or self._dir.name
+            self._dir.mkdir(parents=True, exist_ok=True)
+            return
         _, hydra_name = _hydra_info()
         name = self.run_name or hydra_name or time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
         self.run_name = safe_name(name)
@@ -98,7 +110,8 @@ class LocalTracker(Tracker):
         self.metrics.update(metrics)
         with open(self._dir / "metrics_history.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **metrics}, default=str) + "\n")
-        atomic_write(self._dir / "metrics.json", json.dumps(self.metrics, indent=2, default=str, sort_keys=True))
+        if self.fixed_dir is None:
+            atomic_write(self._dir / "metrics.json", json.dumps(self.metrics, indent=2, default=str, sort_keys=True))
 
     def table_path(self, name: str, ext: str = "csv") -> Path:
         return self._dir / "tables" / f"{safe_name(name)}.{ext}"
@@ -120,6 +133,8 @@ class LocalTracker(Tracker):
     def _finish(self, summary: dict[str, Any]) -> None:
         if summary:
             self.metrics.update({k: plain(v) for k, v in summary.items()})
+        if self.fixed_dir is not None:
+            return
         atomic_write(self._dir / "metrics.json", json.dumps(self.metrics, indent=2, default=str, sort_keys=True))
         if self.summary:
             write_summary(self._dir.parent)

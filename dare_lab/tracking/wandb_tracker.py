@@ -6,6 +6,12 @@ else ``online`` when ``$WANDB_API_KEY`` is set, else ``offline`` (no network, no
 run, and tables / line plots / images are logged as ``wandb.Table`` /
 ``wandb.plot.line_series`` / ``wandb.Image``. Everything is also written by a
 :class:`LocalTracker` unless ``local=False``.
+
+Under ``dare-lab`` every program logs here (``tracker=wandb``): one W&B run per run or sweep
+job, written under the run directory (``<run dir>/wandb/offline-run-*``), ``group`` = the
+sweep (``<experiment>/<sweep dir name>``; single runs: the experiment), ``name`` = the job's
+overrides (``method.drop_rate=0.9,method.seed=1``), config = the resolved, redacted config,
+metrics, tables and images as the program logs them, and the run's metrics as its summary.
 """
 
 from __future__ import annotations
@@ -35,12 +41,13 @@ class WandbTracker(Tracker):
     def __init__(self, project: str = "dare_lab", entity: str | None = None, mode: str | None = None,
                  group: str | None = None, tags: Sequence[str] = (), dir: str | Path | None = None,  # noqa: A002
                  job_type: str | None = None, local: bool = True, root: str | Path | None = None,
-                 experiment: str | None = None, run_name: str | None = None) -> None:
+                 experiment: str | None = None, run_name: str | None = None, run_dir: str | Path | None = None) -> None:
         super().__init__(experiment, run_name)
         self.project, self.entity, self.group = project, entity, group
         self.mode = resolve_mode(mode)
-        self.tags, self.dir, self.job_type = list(tags or ()), dir, job_type
-        self.local = LocalTracker(root=root, experiment=experiment, run_name=run_name) if local else None
+        self.tags, self.job_type = list(tags or ()), job_type
+        self.dir = dir if dir is not None else run_dir  # dare-lab: <run dir>/wandb/offline-run-*
+        self.local = LocalTracker(root=root, experiment=experiment, run_name=run_name, run_dir=run_dir) if local else None
         self.run = None
 
     @property
@@ -103,6 +110,6 @@ class WandbTracker(Tracker):
         if self.run is not None:
             if summary:
                 self.run.summary.update(summary)
-            self.run.finish()
+            self.run.finish(exit_code=1 if self.failed else 0)
         if self.local:
             self.local.finish(summary)

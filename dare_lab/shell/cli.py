@@ -157,11 +157,9 @@ def _is_complete_model(path: Path) -> bool:
 # Entries a run itself creates in its run directory (Hydra's files, dare-lab's files, the
 # default merged model and the engine's hidden temporaries); in a directory that existed
 # before the run, only these — and only when they were not there before — are removed.
-def _own_names(run_dir: Path, hc: Any) -> set[str]:
-    names = {"config.yaml", "metrics.json", "run.json", "merged", LOCK_NAME,
-             *TRACKER_NAMES}  # tracker=local|wandb files (tables/, plots/, wandb/, ...)
-    if hc is None:  # Hydra's defaults
-        names.add(".hydra")
+def _hydra_record(hc: Any) -> set[str]:
+    """The entries Hydra writes into a run directory: its output subdir (``.hydra``) and the job log."""
+    names = set()
     sub = getattr(hc, "output_subdir", None)
     if sub:
         names.add(Path(str(sub)).parts[0])
@@ -170,6 +168,14 @@ def _own_names(run_dir: Path, hc: Any) -> set[str]:
     except Exception:  # noqa: BLE001
         pass
     return names
+
+
+def _own_names(run_dir: Path, hc: Any) -> set[str]:
+    names = {"config.yaml", "metrics.json", "run.json", "merged", LOCK_NAME,
+             *TRACKER_NAMES}  # tracker=local|wandb files (tables/, plots/, wandb/, ...)
+    if hc is None:  # Hydra's defaults
+        names.add(".hydra")
+    return names | _hydra_record(hc)
 
 
 def cleanup_failed_run(run_dir: Path, hc: Any, kept: list[Path]) -> list[Path]:
@@ -188,13 +194,7 @@ def cleanup_failed_run(run_dir: Path, hc: Any, kept: list[Path]) -> list[Path]:
     keep_inside = {p.resolve().relative_to(run_dir.resolve()).parts[0] for p in kept
                    if _inside(p, run_dir)}
     if keep_inside:  # the kept model's config stays beside it
-        sub = getattr(hc, "output_subdir", None)
-        if sub:
-            keep_inside.add(Path(str(sub)).parts[0])
-        try:
-            keep_inside.add(f"{hc.job.name}.log")
-        except Exception:  # noqa: BLE001
-            pass
+        keep_inside |= _hydra_record(hc)
     before = state["entries"]
     if before is None:  # unknown prior contents: remove nothing
         return kept

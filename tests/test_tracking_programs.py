@@ -141,7 +141,8 @@ def test_merge_run_logs_config_metrics_and_table_to_wandb_offline(tiny, tmp_path
     assert (run / "merged" / "dare_lab_merge.json").is_file()  # a single run saves (output.save=auto)
     wb = wandb_run(run)
     assert wb["group"] == "default"  # a single run: its experiment
-    assert wb["name"].startswith("method.drop_rate=0.5,method=dare_task_arithmetic,modelpool=custom,")
+    assert wb["name"].startswith("method.drop_rate=0.5,method=dare_task_arithmetic,")  # the method's values first
+    assert "modelpool=custom" in wb["name"]  # (before or after the base path, by the path's length)
     assert "tracker=" not in wb["name"] and len(wb["name"]) <= 128
     assert wb["config"]["method"]["drop_rate"] == 0.5 and wb["config"]["method"]["name"] == "dare_task_arithmetic"
     for k in ("merge/seconds", "a/accuracy", "b/accuracy"):

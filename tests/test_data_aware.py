@@ -9,7 +9,7 @@ from dare_lab.engine.pool import ModelPool
 from dare_lab.ops import dare, tensor_generator
 from dare_lab.ops.data_aware import fisher_merge, reduce_off_diagonal, regmean_merge
 from dare_lab.taskpool.classification import TaskSpec, load_split, read_state_dict
-from dare_lab.train.tiny import make_tiny_bert, polarity_rows, topic_rows, write_csv
+from dare_lab.train.tiny import polarity_rows, topic_rows, write_csv
 
 
 # ----------------------------------------------------------------------------- pure formulas
@@ -71,23 +71,9 @@ def test_bad_formula_input():
 # ----------------------------------------------------------------------------- statistics
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, noisy_bert_trio):
     root = tmp_path_factory.mktemp("da")
-    base = make_tiny_bert(root / "base", num_labels=2, seed=0)
-    a = make_tiny_bert(root / "a", num_labels=2, seed=1)
-    b = make_tiny_bert(root / "b", num_labels=3, seed=2)
-    # fine-tuned-like: base + noise (keep their own random heads)
-    base_sd = read_state_dict(base)
-    from transformers import AutoModelForSequenceClassification
-
-    for i, d in enumerate((a, b)):
-        m = AutoModelForSequenceClassification.from_pretrained(d)
-        g = torch.Generator().manual_seed(10 + i)
-        with torch.no_grad():
-            for k, v in m.state_dict().items():
-                if not k.startswith("classifier"):
-                    v.copy_(base_sd[k] + 0.05 * torch.randn(v.shape, generator=g))
-        m.save_pretrained(d)
+    base, a, b = noisy_bert_trio  # fine-tuned-like: base + noise (keep their own random heads)
     tasks = [
         {"name": "a", "files": {"train": str(write_csv(polarity_rows(60, 1), root / "a.csv"))}, "labels": ["neg", "pos"],
          "max_length": 16},

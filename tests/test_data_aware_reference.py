@@ -144,7 +144,7 @@ from dare_lab.engine.pool import ModelPool  # noqa: E402
 from dare_lab.ops import dare, tensor_generator  # noqa: E402
 from dare_lab.ops.data_aware import fisher_merge, psd_solve, regmean_merge_rank, zero_fisher_floor  # noqa: E402
 from dare_lab.taskpool.classification import TaskSpec, load_split, read_state_dict  # noqa: E402
-from dare_lab.train.tiny import make_tiny_bert, polarity_rows, topic_rows, write_csv  # noqa: E402
+from dare_lab.train.tiny import polarity_rows, topic_rows, write_csv  # noqa: E402
 
 POOLER = "bert.pooler.dense.weight"
 KEY_BIAS = "bert.encoder.layer.0.attention.self.key.bias"
@@ -152,22 +152,10 @@ MAXLEN = 16
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    from transformers import AutoModelForSequenceClassification
-
+def env(tmp_path_factory, noisy_bert_trio):
     root = tmp_path_factory.mktemp("da_ref")
-    base = make_tiny_bert(root / "base", num_labels=2, seed=0)
-    a = make_tiny_bert(root / "a", num_labels=2, seed=1)
-    b = make_tiny_bert(root / "b", num_labels=3, seed=2)
+    base, a, b = noisy_bert_trio
     base_sd = read_state_dict(base)
-    for i, d in enumerate((a, b)):
-        m = AutoModelForSequenceClassification.from_pretrained(d)
-        g = torch.Generator().manual_seed(10 + i)
-        with torch.no_grad():
-            for k, v in m.state_dict().items():
-                if not k.startswith("classifier"):
-                    v.copy_(base_sd[k] + 0.05 * torch.randn(v.shape, generator=g))
-        m.save_pretrained(d)
     files = {"a": write_csv(polarity_rows(40, 1), root / "a.csv"), "b": write_csv(topic_rows(40, 2), root / "b.csv"),
              "b_small": write_csv(topic_rows(12, 3), root / "b_small.csv")}
     pool = ModelPool(base=str(base), models={"a": str(a), "b": str(b)})

@@ -1,7 +1,6 @@
 """Trackers: local results are complete with or without W&B; W&B offline logs its tables; no network."""
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -9,25 +8,6 @@ import pytest
 from dare_lab import tracking
 from dare_lab.analysis.plots import line_plot
 from dare_lab.tracking import LocalTracker, NullTracker, WandbTracker, read_csv, resolve_mode, write_summary
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Fail on any connection that leaves this machine (local IPC stays allowed)."""
-    attempts = []
-    real = socket.socket.connect
-
-    def guarded(self, address):
-        host = address[0] if isinstance(address, tuple) else None
-        if self.family in (socket.AF_INET, socket.AF_INET6) and host not in ("127.0.0.1", "localhost", "::1"):
-            attempts.append(address)
-            raise OSError(f"network disabled in tests: {address}")
-        return real(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded)
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    yield attempts
-    assert attempts == []
 
 
 def _log_everything(t, tmp_path):

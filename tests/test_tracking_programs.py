@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -89,23 +88,6 @@ def wandb_run(run_dir: Path) -> dict:
 
 
 # ------------------------------------------------------------------ fixtures
-
-@pytest.fixture
-def no_network(monkeypatch):
-    attempts = []
-    real = socket.socket.connect
-
-    def guarded(self, address):
-        host = address[0] if isinstance(address, tuple) else None
-        if self.family in (socket.AF_INET, socket.AF_INET6) and host not in ("127.0.0.1", "localhost", "::1"):
-            attempts.append(address)
-            raise OSError(f"network disabled in tests: {address}")
-        return real(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded)
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    yield attempts
-    assert attempts == []
 
 
 @pytest.fixture(scope="module")

@@ -6,35 +6,18 @@ import importlib.util
 import json
 import logging
 import random
-import shutil
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from dare_lab.engine.pool import ModelPool
+from dare_lab.pools.cache import build_once
 from dare_lab.taskpool.generation.prompts import render
 
 log = logging.getLogger(__name__)
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _atomic_build(target: Path, build) -> Path:
-    """Run ``build(tmp_dir)`` and rename it to ``target`` (skip when ``target`` exists)."""
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        build(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def smollm2_gguf_dir() -> Path:
@@ -67,7 +50,7 @@ def smollm2_base(cache_dir: str | Path) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
-    return _atomic_build(target, build)
+    return build_once(target, build)
 
 
 def gsm_symbolic_sft_records(n: int, seed: int) -> list[dict]:
@@ -150,7 +133,7 @@ def finetune_causal_lm(base_dir: str | Path, records: Sequence[dict], out_dir: s
         finally:
             torch.set_num_threads(before)
 
-    return _atomic_build(out_dir, build)
+    return build_once(out_dir, build)
 
 
 def smollm2_pool(cache_dir: str | Path, n_models: int = 2, steps: int = 30, lr: float = 2e-5, batch_size: int = 2,

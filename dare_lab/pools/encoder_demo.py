@@ -27,6 +27,7 @@ import numpy as np
 
 from dare_lab.pools.assets import BBC_LABELS, TWEET_LABELS, bbc_news_rows, minilm_dir, tweet_sentiment_rows
 from dare_lab.engine.pool import ModelPool
+from dare_lab.pools.cache import build_once, entry_lock
 from dare_lab.taskpool.classification import ClassificationTaskPool, TaskSpec
 from dare_lab.train.tiny import write_csv
 
@@ -76,23 +77,24 @@ def prepare_data(cache_dir: str | Path, data: Mapping | None = None, seed: int =
     settings = _merged_settings(data)
     d = _root(cache_dir) / "data" / _hash({"settings": settings, "seed": seed})
     specs = {}
-    for name, s in settings.items():
-        loader, labels = _LOADERS[name]
-        train_f, test_f = d / name / "train.csv", d / name / "test.csv"
-        if not (train_f.exists() and test_f.exists()):
-            rows = loader()
-            n_test, n_train = int(s["n_test"]), int(s["n_train"])
-            if n_test < 1 or n_train < 10:
-                raise ValueError(f"demo task {name!r}: need n_test >= 1 and n_train >= 10, got {n_test}, {n_train}")
-            if n_test + n_train > len(rows):
-                raise ValueError(f"demo task {name!r}: n_train + n_test = {n_train + n_test} exceeds its {len(rows)} rows")
-            perm = np.random.RandomState(seed).permutation(len(rows))
-            write_csv([rows[i] for i in perm[:n_test]], test_f.with_suffix(".tmp"))
-            write_csv([rows[i] for i in perm[n_test:n_test + n_train]], train_f.with_suffix(".tmp"))
-            test_f.with_suffix(".tmp").replace(test_f)
-            train_f.with_suffix(".tmp").replace(train_f)
-        specs[name] = TaskSpec(name=name, files={"train": str(train_f), "test": str(test_f)}, labels=labels,
-                               metrics=METRICS, max_length=int(s["max_length"]))
+    with entry_lock(d):  # a sweep's parallel jobs write the same splits
+        for name, s in settings.items():
+            loader, labels = _LOADERS[name]
+            train_f, test_f = d / name / "train.csv", d / name / "test.csv"
+            if not (train_f.exists() and test_f.exists()):
+                rows = loader()
+                n_test, n_train = int(s["n_test"]), int(s["n_train"])
+                if n_test < 1 or n_train < 10:
+                    raise ValueError(f"demo task {name!r}: need n_test >= 1 and n_train >= 10, got {n_test}, {n_train}")
+                if n_test + n_train > len(rows):
+                    raise ValueError(f"demo task {name!r}: n_train + n_test = {n_train + n_test} exceeds its {len(rows)} rows")
+                perm = np.random.RandomState(seed).permutation(len(rows))
+                write_csv([rows[i] for i in perm[:n_test]], test_f.with_suffix(".tmp"))
+                write_csv([rows[i] for i in perm[n_test:n_test + n_train]], train_f.with_suffix(".tmp"))
+                test_f.with_suffix(".tmp").replace(test_f)
+                train_f.with_suffix(".tmp").replace(train_f)
+            specs[name] = TaskSpec(name=name, files={"train": str(train_f), "test": str(test_f)}, labels=labels,
+                                   metrics=METRICS, max_length=int(s["max_length"]))
     return specs
 
 
@@ -116,19 +118,19 @@ def prepare_base(cache_dir: str | Path, base: str | None = None, seed: int = 0) 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     src = Path(base).expanduser() if base else minilm_dir()
-    out = _root(cache_dir) / "base" / _hash({"base": str(src), "seed": seed})
-    if (out / "dare_lab_base.json").exists():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    from dare_lab.train.finetune import quiet_transformers
 
-    with quiet_transformers():  # MiniLM has no head yet: a new one, no load report
-        model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=2)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(src).save_pretrained(out)
-    (out / "dare_lab_base.json").write_text(json.dumps({"source": str(src), "seed": seed}))
-    return out
+    def build(tmp: Path) -> None:
+        torch.manual_seed(seed)
+        from dare_lab.train.finetune import quiet_transformers
+
+        with quiet_transformers():  # MiniLM has no head yet: a new one, no load report
+            model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=2)
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+        (tmp / "dare_lab_base.json").write_text(json.dumps({"source": str(src), "seed": seed}))
+
+    return build_once(_root(cache_dir) / "base" / _hash({"base": str(src), "seed": seed}), build,
+                      marker="dare_lab_base.json")
 
 
 def demo_pool(cache_dir: str | Path, base: str | None = None, data: Mapping | None = None,
@@ -147,9 +149,10 @@ def demo_pool(cache_dir: str | Path, base: str | None = None, data: Mapping | No
     models = {}
     for task, spec in specs.items():
         out = _root(cache_dir) / "models" / key / task
-        if not (out / "finetune.json").exists():
-            print(f"dare-lab demo: fine-tuning MiniLM on {task} -> {out}", flush=True)
-        summary = run_finetune(base_dir, spec, out, cfg)
+        with entry_lock(out):  # one job fine-tunes, the others wait and reuse its model
+            if not (out / "finetune.json").exists():
+                print(f"dare-lab demo: fine-tuning MiniLM on {task} -> {out}", flush=True)
+            summary = run_finetune(base_dir, spec, out, cfg)
         if summary.get("status") != "done":
             raise RuntimeError(f"fine-tuning {task} did not finish: {summary}")
         models[task] = str(out)

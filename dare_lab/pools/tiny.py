@@ -107,19 +107,10 @@ def make_tiny_pool(root: str | Path, arch: str = "bert", n_models: int = 2, seed
 
 
 def cached_tiny_pool(cache_dir: str | Path, arch: str = "bert", n_models: int = 2, seed: int = 0) -> ModelPool:
-    """A tiny pool built once under ``cache_dir`` (atomically) and reused afterwards."""
-    import shutil
-    import uuid
+    """A tiny pool built once under ``cache_dir`` (safe for a sweep's parallel jobs) and reused."""
+    from dare_lab.pools.cache import build_once
 
-    root = Path(cache_dir).expanduser() / f"tiny_{arch}_k{n_models}_s{seed}"
-    if not (root / "base" / "config.json").exists():
-        tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            make_tiny_pool(tmp, arch, n_models, seed)
-            if root.exists():
-                shutil.rmtree(root)
-            tmp.rename(root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    root = build_once(Path(cache_dir).expanduser() / f"tiny_{arch}_k{n_models}_s{seed}",
+                      lambda tmp: make_tiny_pool(tmp, arch, n_models, seed), marker="base/config.json")
     models = {f"ft{i}": str(root / f"ft{i}") for i in range(n_models)}
     return ModelPool(base=str(root / "base"), models=models, name=f"tiny_{arch}")

@@ -62,6 +62,9 @@ def test_a_stream_that_differs_from_torch_is_never_used():
 
 
 def test_streamed_dare_merges_draw_from_the_compiled_stream(monkeypatch):
+    from dare_lab.engine import warmup
+
+    monkeypatch.setattr(warmup, "MODE", "wait")  # compiled from the first tensor (no background rehearsal)
     calls = []
     orig = fused.mt_uniforms
     monkeypatch.setattr(fused, "mt_uniforms", lambda state, out: calls.append(out.shape[0]) or orig(state, out))

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 import dare_lab.engine.merge as engine
 import dare_lab.engine.streamed as streamed
 from dare_lab.engine import kernels as fused
+from dare_lab.engine import warmup
 from dare_lab.engine import merge_models, merge_state_dicts
 from dare_lab.ops.method import MergeMethod, Merger, Sparsifier
 from dare_lab.ops.sparsify import kth_largest, top_magnitude_mask
@@ -71,6 +72,7 @@ def small_chunks(request, monkeypatch):
     """Every test runs with the compiled TIES loops and with the torch code (same bits)."""
     monkeypatch.setattr(engine, "_CHUNK", 4096)
     monkeypatch.setattr(streamed, "FUSED", request.param)
+    monkeypatch.setattr(warmup, "MODE", "wait")  # every tensor on the path under test (no background compile)
     # the sampled-bracket threshold pass from 16K entries (so these small tensors take it)
     monkeypatch.setattr(streamed, "BRACKET_MIN", 1 << 14)
 

@@ -240,7 +240,10 @@ def small_chunks(request, monkeypatch):
     from dare_lab.engine import streamed
 
     monkeypatch.setattr(engine, "_CHUNK", 4096)
+    from dare_lab.engine import warmup
+
     monkeypatch.setattr(streamed, "FUSED", request.param and streamed.FUSED)
+    monkeypatch.setattr(warmup, "MODE", "wait")  # the compiled loops from the first tensor on
     return request.param
 
 

@@ -59,10 +59,36 @@ to check that both paths give the same bits."""
 _KERNELS: ModuleType | bool | None = None
 
 
+_warming = 0                    # background rehearsals running (dare_lab.engine.warmup)
+_warming_lock = threading.Lock()
+
+
+def warming_started() -> None:
+    """A background rehearsal compiles the loops: until :func:`warming_done`, other threads
+    get no compiled loops (they take the torch path, same bits) instead of waiting on numba."""
+    global _warming
+    with _warming_lock:
+        _warming += 1
+
+
+def warming_done() -> None:
+    global _warming
+    with _warming_lock:
+        _warming = max(0, _warming - 1)
+
+
+def mark_rehearsal_thread() -> None:
+    """This thread compiles: it gets the compiled loops while a rehearsal runs."""
+    _local.rehearsal = True
+
+
 def compiled_kernels() -> ModuleType | None:
     """:mod:`dare_lab.engine.kernels`, imported on first use (numba costs ~0.3 s to import, and merges
-    without a compiled loop or DARE mask stream do not need it); None where it does not import."""
+    without a compiled loop or DARE mask stream do not need it); None where it does not import,
+    and None outside the rehearsal thread while a background rehearsal compiles."""
     global _KERNELS
+    if _warming and not getattr(_local, "rehearsal", False):
+        return None
     if _KERNELS is None:
         try:
             from dare_lab.engine import kernels
@@ -222,6 +248,9 @@ class StreamedMerge:
             (mg.kind == "ties" and mg.merge_func in ("mean", "sum")) or ta_ok)
         self.kern = compiled_kernels() if wanted else None
         self.fused = self.kern is not None
+        # the compiled MT19937 draws torch.rand's uniforms several times faster, whichever path merges
+        self.mt_kern = self.kern or (compiled_kernels() if self.random and FUSED and sp.sampler == "torch_rand"
+                                     else None)
         self.emit_dtype: torch.dtype | None = None
         """Set to the saved dtype by a caller whose ``emit`` takes chunks in it: task arithmetic's
         compiled loop then rounds to bf16 itself (one pass less than emit casting)."""
@@ -231,9 +260,7 @@ class StreamedMerge:
         if not self.random:
             return None
         gen = tensor_generator(self.method.seed, self.models[k], self.tensor)
-        # the compiled MT19937 draws torch.rand's uniforms several times faster, whichever path merges
-        kernels = self.kern or (compiled_kernels() if FUSED and self.sp.sampler == "torch_rand" else None)
-        return MaskStream(self.sp.drop_rate, gen, self.sp.sampler, self.n, kernels=kernels)
+        return MaskStream(self.sp.drop_rate, gen, self.sp.sampler, self.n, kernels=self.mt_kern)
 
     def _sparsified(self, k: int, mask: MaskStream | None, mag: TopKStream | None, bf: torch.Tensor,
                     th: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

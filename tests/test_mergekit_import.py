@@ -133,7 +133,7 @@ def test_dare_ties_is_an_untrimmed_election_and_ties_takes_density_as_retain_rat
     ("merge_method: slerp\nbase_model: b\nmodels: [{model: a}]", "merge_method='slerp' is not supported"),
     ("merge_method: linear\nslices: [{sources: []}]\n", "slices are not supported"),
     ("merge_method: task_arithmetic\nbase_model: b\nmodels: [{model: a, parameters: {weight: [0, 1]}}]",
-     "is a gradient over layers"),
+     "a gradient needs the layer count of 'b'"),
     ("merge_method: task_arithmetic\nbase_model: b\nmodels: [{model: a}]", "model 'a' has no weight"),
     ("merge_method: ties\nmodels: [{model: a, parameters: {weight: 1}}]", "ties needs base_model"),
     ("merge_method: ties\nbase_model: b\nparameters: {int8_mask: true}\nmodels: [{model: a, parameters: {weight: 1}}]",

@@ -1,4 +1,6 @@
-"""Mergers of (sparsified) deltas: average, task arithmetic and TIES.
+"""Mergers of (sparsified) deltas: average, task arithmetic and TIES; and mergekit's two rules,
+``linear`` (a weighted average of the models' own tensors) and ``gta`` (its generalized task
+arithmetic, in its operation order).
 
 Each takes the pre-trained tensor and a list of deltas δ̂_k of one tensor name and returns
 the merged tensor. They are per-tensor by construction: TIES' trim is per tensor by default
@@ -141,3 +143,65 @@ def ties(base: torch.Tensor, deltas: Sequence[torch.Tensor], retain_ratio: float
     sign = ties_elect(electors)
     merged = ties_disjoint_merge(trimmed, sign, merge_func, ws)
     return base + merged.mul_(scaling)
+
+
+GTA_CONSENSUS = ("none", "sum")
+
+
+def _stacked_weights(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """The weights as a tensor of the stacked inputs' dtype, broadcast over their entries."""
+    w = torch.tensor([float(x) for x in weights], dtype=like.dtype, device=like.device)
+    return w.view(-1, *([1] * (like.dim() - 1)))
+
+
+def linear(thetas: Sequence[torch.Tensor], weights: Sequence[float] | None = None,
+           normalize: bool = True) -> torch.Tensor:
+    """mergekit's ``linear``: θ = Σ_k w_k θ_k / Σ_k w_k (``normalize``) or Σ_k w_k θ_k, on the
+    models' own tensors, in mergekit 0.1.5's order of operations: w_k rounded to float32
+    (float64 for float64 inputs), accumulated from 0 in the models' order (``addcmul``), one
+    division by the float32 Σ_k w_k, the result cast back to the inputs' dtype."""
+    first = thetas[0]
+    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    w = torch.tensor(_weights(len(thetas), weights), dtype=torch.float64, device=first.device).to(dtype)
+    if normalize and float(w.sum()) == 0.0:
+        raise ValueError("merger=linear with normalize: the weights sum to 0")
+    result = torch.zeros_like(first, dtype=dtype)
+    for theta, c in zip(thetas, w.unbind(0)):
+        result.addcmul_(theta, c)
+    if normalize:
+        result.div_(w.sum())
+    return result.to(first.dtype)
+
+
+def gta(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequence[float] | None = None,
+        consensus: str = "none", normalize: bool = False, scaling: float = 1.0) -> torch.Tensor:
+    """mergekit's generalized task arithmetic (``task_arithmetic``, ``ties``, ``dare_*``,
+    ``breadcrumbs*``, ``della*`` after their sparsifier), in its order of operations.
+
+    With D_k = w_k·δ̂_k (the product in the deltas' dtype, w_k rounded to it):
+    consensus ``sum``: the elected sign e = +1 where Σ_k D_k ≥ 0 (Σ = 0 elects +), else −1;
+    model k agrees where sign(D_k) = e (a zero entry never agrees); mixed = Σ_k D_k·[agree],
+    divisor = Σ_k w_k·[agree] (0 → 1). consensus ``none``: mixed = Σ_k D_k, divisor = Σ_k w_k
+    (|·| < 1e-8 → 1). θ = θ_PRE + λ·mixed / divisor with ``normalize``, θ_PRE + λ·mixed without
+    (λ applied only when ≠ 1, after the division; sums over the models in order).
+    """
+    if consensus not in GTA_CONSENSUS:
+        raise ValueError(f"unknown gta consensus {consensus!r}; choose one of {GTA_CONSENSUS}")
+    stacked = torch.stack(list(deltas), dim=0)
+    w = _stacked_weights(_weights(len(deltas), weights), stacked)
+    weighted = stacked * w
+    if consensus == "sum":
+        elected = (weighted.sum(dim=0) >= 0).to(stacked.dtype) * 2 - 1
+        agree = (weighted.sign() == elected).to(stacked.dtype)
+        mixed = (weighted * agree).sum(dim=0)
+        divisor = (w * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = weighted.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed /= divisor
+    if scaling != 1:
+        mixed *= scaling
+    return base + mixed

@@ -6,6 +6,13 @@ An override names the knobs it sets and where they apply::
     {models: [math], drop_rate: 0.95}            # every tensor of model "math"
     {pattern: "mlp\\.", retain_ratio: 0.5}        # tensors whose name matches (re.search), every model
     {models: [code], pattern: "embed", weight: 0}
+    {layers: [0, 1], pattern: "mlp", weight: 0.5}  # only tensors of transformer layers 0 and 1
+
+``layers`` matches a tensor's layer index: the number after a ``layers.`` / ``layer.`` / ``h.`` /
+``blocks.`` / ``block.`` name segment (``model.layers.3.mlp.up_proj.weight`` → 3,
+:func:`layer_index`); a tensor outside the layers (embeddings, final norm, heads) never matches.
+mergekit's gradients (a list of values interpolated over the layers) import as one override per
+layer (:mod:`dare_lab.shell.mergekit`).
 
 For a (model, tensor) pair the method's own value is the start; every matching override is
 applied in the order listed, so a later entry wins (list the general ones first).
@@ -33,6 +40,13 @@ from dare_lab.ops.method import MergeMethod
 from dare_lab.ops.sparsify import check_drop_rate
 
 MODEL_KNOBS = ("drop_rate", "weight", "retain_ratio")
+LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+
+
+def layer_index(tensor: str) -> int | None:
+    """The transformer layer index of a tensor name (first match of :data:`LAYER_RE`), or None."""
+    m = LAYER_RE.search(tensor)
+    return None if m is None else int(m.group(1))
 TENSOR_KNOBS = ("scaling",)
 
 
@@ -44,6 +58,7 @@ class ParamOverride:
     values: tuple[tuple[str, float], ...]
     models: tuple[str, ...] = ()
     pattern: str | None = None
+    layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.values:
@@ -58,6 +73,9 @@ class ParamOverride:
                 raise ValueError(f"method.overrides: {knob} applies to whole tensors, not to models {list(self.models)}")
             if knob == "retain_ratio" and not 0.0 < value <= 1.0:
                 raise ValueError(f"method.overrides: retain_ratio={value} {self.where()} is outside (0, 1]")
+        for i in self.layers:
+            if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+                raise ValueError(f"method.overrides: layers={list(self.layers)} must be layer indices (integers >= 0)")
         if self.pattern is not None:
             try:
                 re.compile(self.pattern)
@@ -65,11 +83,14 @@ class ParamOverride:
                 raise ValueError(f"method.overrides: pattern {self.pattern!r} is not a regular expression ({e})") from None
 
     def where(self) -> str:
-        parts = [f"models={list(self.models)}" if self.models else "", f"pattern={self.pattern!r}" if self.pattern else ""]
+        parts = [f"models={list(self.models)}" if self.models else "", f"pattern={self.pattern!r}" if self.pattern else "",
+                 f"layers={list(self.layers)}" if self.layers else ""]
         return "(" + (", ".join(p for p in parts if p) or "everywhere") + ")"
 
     def applies(self, model: str | None, tensor: str) -> bool:
         if self.models and model not in self.models:
+            return False
+        if self.layers and layer_index(tensor) not in self.layers:
             return False
         return self.pattern is None or re.search(self.pattern, tensor) is not None
 
@@ -85,8 +106,10 @@ def parse_overrides(entries: Sequence[Mapping[str, Any]] | None) -> tuple[ParamO
         if isinstance(models, str):
             models = (models,)
         pattern = e.pop("pattern", None)
+        layers = e.pop("layers", None)
+        layers = () if layers is None else ((layers,) if isinstance(layers, int) else tuple(layers))
         out.append(ParamOverride(values=tuple(e.items()), models=tuple(str(m) for m in models),
-                                 pattern=None if pattern is None else str(pattern)))
+                                 pattern=None if pattern is None else str(pattern), layers=layers))
     return tuple(out)
 
 
@@ -102,6 +125,7 @@ class OverriddenMethod(MergeMethod):
     streamable: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for o in self.overrides:
             for knob, value in o.values:
                 if knob == "drop_rate" and self.sparsifier.kind != "none":
@@ -136,6 +160,8 @@ class OverriddenMethod(MergeMethod):
             w0 = list(mg.weights) if mg.weights is not None else [1.0] * len(names)
         weights = [self.value("weight", m, tensor_name, w) for m, w in zip(names, w0)]
         scaling = self.value("scaling", None, tensor_name, mg.scaling)
+        if mg.kind == "linear":
+            return mergers.linear([finetuned[m] for m in names], weights, mg.normalize)
         deltas = []
         for m in names:
             sp_m = replace(sp, drop_rate=self.value("drop_rate", m, tensor_name, sp.drop_rate)) if sp.kind != "none" else sp
@@ -148,10 +174,13 @@ class OverriddenMethod(MergeMethod):
             return mergers.average(base, deltas)
         if mg.kind == "task_arithmetic":
             return mergers.task_arithmetic(base, deltas, scaling, weights)
+        if mg.kind == "gta":
+            return mergers.gta(base, deltas, weights, mg.consensus, mg.normalize, scaling)
         ratios = [self.value("retain_ratio", m, tensor_name, mg.retain_ratio) for m in names]
         return mergers.ties(base, deltas, ratios, scaling, mg.merge_func, weights, mg.weighted_election)
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
-        d["overrides"] = [{"models": list(o.models), "pattern": o.pattern, **dict(o.values)} for o in self.overrides]
+        d["overrides"] = [{"models": list(o.models), "pattern": o.pattern, **({"layers": list(o.layers)} if o.layers else {}),
+                           **dict(o.values)} for o in self.overrides]
         return d

@@ -160,18 +160,19 @@ class MaskStream:
         return self.uniforms(count) >= self.p
 
 
-def dare(delta: torch.Tensor, p: float, generator: torch.Generator, rescale: bool = True, sampler: str = "torch_rand") -> torch.Tensor:
+def dare(delta: torch.Tensor, p: float, generator: torch.Generator, rescale: bool | str = True,
+         sampler: str = "torch_rand") -> torch.Tensor:
     """DARE: drop each entry with probability p, rescale survivors by 1/(1−p).
 
     ``dare(δ, p)_i = m_i · δ_i / (1 − p)`` with ``m_i ~ Bernoulli(1 − p)``; p = 0 returns δ
-    itself (bit for bit, no random draw). ``rescale=False`` is DropOnly.
+    itself (bit for bit, no random draw). ``rescale=False`` is DropOnly; ``rescale="l1"`` is
+    mergekit's ``dare_*``: the same mask, then the whole tensor × ‖δ‖₁/‖m⊙δ‖₁ (:func:`l1_rescaled`).
     """
-    p = check_drop_rate(p, rescale)
+    rescale = check_rescale(rescale)
+    p = check_drop_rate(p, rescale is True)
     if p == 0.0:
         return delta
-    mask = keep_mask(delta.shape, p, generator, sampler)
-    kept = delta / (1.0 - p) if rescale else delta
-    return torch.where(mask, kept, torch.zeros((), dtype=delta.dtype, device=delta.device))
+    return _masked(delta, keep_mask(delta.shape, p, generator, sampler), p, rescale)
 
 
 def drop_only(delta: torch.Tensor, p: float, generator: torch.Generator, sampler: str = "torch_rand") -> torch.Tensor:
@@ -182,6 +183,65 @@ def drop_only(delta: torch.Tensor, p: float, generator: torch.Generator, sampler
 def keep_count(n: int, p: float) -> int:
     """Number of entries kept at drop rate p: ⌈(1−p)·n⌉, computed exactly on the decimal p."""
     return math.ceil((1 - Fraction(repr(float(p)))) * n)
+
+
+COUNT_RULES = ("ceil", "mergekit")
+"""How many entries magnitude pruning (MP, TIES' trim as a sparsifier) and Breadcrumbs keep:
+``ceil`` (default): ⌈(1−p)·n⌉ on the decimal p; ``mergekit``: mergekit's ``int(density · n)``
+evaluated in float64 with density = the decimal 1 − p (:func:`mergekit_keep_count`)."""
+RESCALES = (False, True, "l1")
+"""Sparsifier rescale rules: False (none), True (×1/(1−p); DARE / DELLA / DAREx always
+rescale by their own rule) or ``"l1"``: mergekit's ``rescale_norm: l1`` (:func:`l1_rescaled`)
+in place of any per-entry factor."""
+L1_EPS = 1e-7
+"""mergekit's tolerance: an L1 norm below it (before or after the mask) skips the rescale."""
+
+
+def density_of(p: float) -> float:
+    """The density 1 − p as the decimal it stands for (the nearest float to 1 − decimal(p)):
+    a mergekit density d mapped to p = :func:`drop_rate_of` (d) comes back as d itself."""
+    return float(1 - Fraction(repr(float(p))))
+
+
+def drop_rate_of(density: float) -> float:
+    """The drop rate p = 1 − density on the decimal density (inverse of :func:`density_of`)."""
+    return float(1 - Fraction(repr(float(density))))
+
+
+def mergekit_keep_count(n: int, p: float) -> int:
+    """mergekit's ``magnitude`` (TIES' trim) count at density d = 1 − p: ``max(1, int(d * n))``
+    in float64 (floor after float rounding: d = 0.57, n = 100 keeps 56; at least one entry),
+    0 at d = 0 (mergekit 0.1.5)."""
+    d = density_of(p)
+    return 0 if d <= 0 or n == 0 else max(1, int(d * n))
+
+
+def check_rescale(rescale) -> bool | str:
+    """Validate a sparsifier rescale rule (:data:`RESCALES`)."""
+    if isinstance(rescale, str) and rescale.lower() in ("l1", "true", "false"):
+        return {"l1": "l1", "true": True, "false": False}[rescale.lower()]
+    if isinstance(rescale, bool):
+        return rescale
+    raise ValueError(f"sparsifier rescale={rescale!r} is not a rescale rule; choose true, false or l1")
+
+
+def l1_rescaled(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """mergekit's L1 rescale: the sparsified ``kept`` × ‖δ‖₁ / ‖kept‖₁ (both sums in δ's
+    dtype, the ratio a 0-dim tensor), ``kept`` unchanged where either norm is < 1e-7."""
+    before = delta.abs().sum()
+    after = kept.abs().sum()
+    if before < L1_EPS or after < L1_EPS:
+        return kept
+    return kept * (before / after)
+
+
+def _masked(delta: torch.Tensor, keep: torch.Tensor, p: float, rescale) -> torch.Tensor:
+    """δ on the kept entries, then the rescale rule: True ×1/(1−p), False none, "l1" mergekit's."""
+    zero = torch.zeros((), dtype=delta.dtype, device=delta.device)
+    if rescale is True:
+        return torch.where(keep, delta / (1.0 - p), zero)
+    kept = torch.where(keep, delta, zero)
+    return l1_rescaled(delta, kept) if rescale == "l1" else kept
 
 
 def sample_bracket(sample: torch.Tensor, n: int, k: int, widen: float = 1.0) -> tuple[float, float]:
@@ -289,14 +349,22 @@ def top_magnitude_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     return keep.view(x.shape)
 
 
-def magnitude_prune(delta: torch.Tensor, p: float, rescale: bool = False) -> torch.Tensor:
-    """MP: keep the ⌈(1−p)n⌉ largest |δ| of the tensor, zero the rest; optional ×1/(1−p)."""
-    p = check_drop_rate(p, rescale)
+def magnitude_prune(delta: torch.Tensor, p: float, rescale: bool | str = False, count: str = "ceil") -> torch.Tensor:
+    """MP: keep the ⌈(1−p)n⌉ largest |δ| of the tensor, zero the rest; optional ×1/(1−p)
+    (``rescale=True``) or mergekit's L1 rescale (``"l1"``). ``count="mergekit"``: keep
+    mergekit's ``max(1, int(density·n))`` instead (:func:`mergekit_keep_count`)."""
+    rescale = check_rescale(rescale)
+    p = check_drop_rate(p, rescale is True)
     if p == 0.0:
         return delta
-    keep = top_magnitude_mask(delta, keep_count(delta.numel(), p))
-    kept = delta / (1.0 - p) if rescale else delta
-    return torch.where(keep, kept, torch.zeros((), dtype=delta.dtype, device=delta.device))
+    k = _count(delta.numel(), p, count)
+    return _masked(delta, top_magnitude_mask(delta, k), p, rescale)
+
+
+def _count(n: int, p: float, count: str) -> int:
+    if count not in COUNT_RULES:
+        raise ValueError(f"unknown count rule {count!r}; choose one of {COUNT_RULES}")
+    return mergekit_keep_count(n, p) if count == "mergekit" else keep_count(n, p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,7 +427,7 @@ def della_drop_probabilities(x: torch.Tensor, p: float, epsilon: float, scope: s
 
 
 def della(delta: torch.Tensor, p: float, epsilon: float, generator: torch.Generator,
-          rescale: bool = True, scope: str = "row") -> torch.Tensor:
+          rescale: bool | str = True, scope: str = "row") -> torch.Tensor:
     """DELLA / MagPrune (Deep et al. 2024): magnitude-ranked drop probabilities around p.
 
     ``della(δ, p, ε)_i = m_i · δ_i / (1 − p_i)``, ``m_i ~ Bernoulli(1 − p_i)``,
@@ -369,8 +437,10 @@ def della(delta: torch.Tensor, p: float, epsilon: float, generator: torch.Genera
     ``u ~ torch.rand`` float32 from ``generator`` (p_i rounded to float32), so ε = 0 gives
     DARE's mask and values bit for bit. Survivors are rescaled by their own 1/(1 − p_i) (the
     DELLA authors' code; mergekit instead rescales the whole tensor to its L1 norm), ``rescale=False``
-    skips it. p ∈ [0, 1), ε ∈ [0, min(p, 1−p)); p = 0 returns δ itself.
+    skips it, ``rescale="l1"`` is mergekit's (the same mask, then the whole tensor ×
+    ‖δ‖₁/‖m⊙δ‖₁, :func:`l1_rescaled`). p ∈ [0, 1), ε ∈ [0, min(p, 1−p)); p = 0 returns δ itself.
     """
+    rescale = check_rescale(rescale)
     p = check_drop_rate(p, rescale=True)
     eps = check_della_epsilon(p, epsilon)
     if p == 0.0:
@@ -380,6 +450,8 @@ def della(delta: torch.Tensor, p: float, epsilon: float, generator: torch.Genera
     drop = della_drop_probabilities(delta, p, eps, scope)
     u = torch.rand(delta.shape, generator=generator, dtype=torch.float32, device=generator.device)
     mask = u >= drop.to(torch.float32)
+    if rescale == "l1":
+        return _masked(delta, mask, p, "l1")
     kept = delta / (1.0 - drop).to(delta.dtype) if rescale else delta
     return torch.where(mask, kept, torch.zeros((), dtype=delta.dtype, device=delta.device))
 
@@ -404,7 +476,18 @@ def check_gamma(gamma: float) -> float:
     return g
 
 
-def breadcrumbs(delta: torch.Tensor, p: float, gamma: float, rescale: bool = False) -> torch.Tensor:
+def mergekit_breadcrumbs_counts(n: int, p: float, gamma: float) -> tuple[int, int, int]:
+    """mergekit's ``magnitude_outliers`` counts (top dropped, kept, bottom dropped) at density
+    d = 1 − p (mergekit 0.1.5, float64 as it computes them): kept ``int(d·n)``, bottom
+    ``max(0, n − kept − int(γ·n))``, top the rest (so the top shrinks to n − kept when ⌊γn⌋ is
+    too large). dare_lab's :func:`breadcrumbs_counts` with ⌊·⌋ for ⌈·⌉."""
+    target = int(density_of(p) * n)
+    bottom = max(0, n - target - int(float(gamma) * n))
+    return n - bottom - target, target, bottom
+
+
+def breadcrumbs(delta: torch.Tensor, p: float, gamma: float, rescale: bool | str = False,
+                count: str = "ceil") -> torch.Tensor:
     """Model Breadcrumbs (Davari & Belilovsky 2023): drop the largest-|δ| outliers *and* the
     smallest |δ| of each tensor, keep the band in between.
 
@@ -412,19 +495,23 @@ def breadcrumbs(delta: torch.Tensor, p: float, gamma: float, rescale: bool = Fal
     t = min(⌊γ·n⌋, n − k) are outliers (dropped), the next k = ⌈(1−p)·n⌉ are kept, the remaining
     n − k − t (smallest) are dropped: p is the total dropped fraction (density 1−p, as for every
     sparsifier here), of which γ comes off the top. γ = 0 is MP exactly; p = 0 returns δ itself.
-    ``rescale=True`` adds ×1/(1−p) (the paper does not rescale; mergekit optionally restores the
-    L1 norm). Deterministic: no generator.
+    ``rescale=True`` adds ×1/(1−p) (the paper does not rescale), ``"l1"`` is mergekit's optional
+    L1-norm rescale. ``count="mergekit"``: mergekit's counts (:func:`mergekit_breadcrumbs_counts`).
+    Deterministic: no generator.
     """
-    p = check_drop_rate(p, rescale)
+    rescale = check_rescale(rescale)
+    p = check_drop_rate(p, rescale is True)
     g = check_gamma(gamma)
     if p == 0.0:
         return delta
-    t, k, _ = breadcrumbs_counts(delta.numel(), p, g)
+    if count not in COUNT_RULES:
+        raise ValueError(f"unknown count rule {count!r}; choose one of {COUNT_RULES}")
+    counts = mergekit_breadcrumbs_counts if count == "mergekit" else breadcrumbs_counts
+    t, k, _ = counts(delta.numel(), p, g)
     keep = top_magnitude_mask(delta, t + k)
     if t > 0:
         keep &= ~top_magnitude_mask(delta, t)
-    kept = delta / (1.0 - p) if rescale else delta
-    return torch.where(keep, kept, torch.zeros((), dtype=delta.dtype, device=delta.device))
+    return _masked(delta, keep, p, rescale)
 
 
 def check_rescale_q(q: float, p: float) -> float:

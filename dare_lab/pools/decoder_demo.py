@@ -7,7 +7,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -149,3 +149,92 @@ def smollm2_pool(cache_dir: str | Path, n_models: int = 2, steps: int = 30, lr: 
         models[name] = str(finetune_causal_lm(base, recs, root / name, template="chat", steps=steps, lr=lr,
                                               batch_size=batch_size, seed=seed + i))
     return ModelPool(base=str(base), models=models, name="decoder_smollm2", prompts={m: "chat" for m in models})
+
+
+# ---- the short-answer demo: tweet sentiment and BBC topic as generated label words ------------
+
+DECODER_TASKS: dict[str, dict] = {
+    # n_test / n_val held out first (fixed-seed permutation), training rows drawn from the rest
+    "tweets": {"prompt": "sentiment", "max_chars": 200, "n_test": 150, "n_val": 60},
+    "bbc": {"prompt": "topic", "max_chars": 300, "n_test": 100, "n_val": 50},
+}
+
+
+def _task_rows(task: str) -> tuple[list[dict], list[str]]:
+    from dare_lab.pools.assets import BBC_LABELS, TWEET_LABELS, bbc_news_rows, tweet_sentiment_rows
+
+    if task == "tweets":
+        return tweet_sentiment_rows(), TWEET_LABELS
+    if task == "bbc":
+        return bbc_news_rows(), BBC_LABELS
+    raise ValueError(f"unknown decoder demo task {task!r}; choose from {sorted(DECODER_TASKS)}")
+
+
+def decoder_demo_split(task: str, split: str, seed: int = 0) -> tuple[list[dict], list[str]]:
+    """``split`` (test | validation | train) rows of a demo task and its labels; disjoint, fixed seed."""
+    import numpy as np
+
+    if task not in DECODER_TASKS:
+        raise ValueError(f"unknown decoder demo task {task!r}; choose from {sorted(DECODER_TASKS)}")
+    s = DECODER_TASKS[task]
+    rows, labels = _task_rows(task)
+    perm = np.random.RandomState(seed).permutation(len(rows))
+    n_test, n_val = int(s["n_test"]), int(s["n_val"])
+    idx = {"test": perm[:n_test], "validation": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
+    if split not in idx:
+        raise ValueError(f"unknown split {split!r}; choose test, validation or train")
+    mc = int(s["max_chars"])
+    return [{"text": rows[i]["text"][:mc], "label": rows[i]["label"]} for i in idx[split]], labels
+
+
+def label_sft_records(task: str, n: int, seed: int = 0) -> list[dict]:
+    """``n`` training rows of a demo task as ``{"instruction", "target"}`` (prompt, " label")."""
+    from dare_lab.taskpool.label_likelihood import format_prompt
+
+    rows, labels = decoder_demo_split(task, "train", seed)
+    if n > len(rows):
+        raise ValueError(f"task {task!r}: n_train={n} exceeds its {len(rows)} training rows")
+    prompt = DECODER_TASKS[task]["prompt"]
+    return [{"instruction": format_prompt(prompt, r["text"], labels), "target": r["label"]} for r in rows[:n]]
+
+
+def decoder_demo_taskpool(split: str = "test", tasks: Sequence[str] = ("tweets", "bbc"), seed: int = 0,
+                          limit: int | None = None, batch_size: int = 16, num_threads: int | None = None):
+    """The demo's label-likelihood taskpool (held-out rows of each task)."""
+    from dare_lab.taskpool.label_likelihood import LabelLikelihoodTaskPool
+
+    specs = []
+    for t in tasks:
+        rows, labels = decoder_demo_split(t, split, seed)
+        specs.append({"name": t, "labels": labels, "rows": rows, "prompt": DECODER_TASKS[t]["prompt"], "limit": limit})
+    return LabelLikelihoodTaskPool(specs, batch_size=batch_size, num_threads=num_threads, name=f"decoder_demo_{split}")
+
+
+def decoder_demo_pool(cache_dir: str | Path, tasks: Sequence[str] = ("tweets", "bbc"),
+                      steps: int | Mapping[str, int] = 50, lr: float = 3e-5, batch_size: int = 8, seed: int = 0,
+                      num_threads: int | None = 1, name: str = "decoder_demo") -> ModelPool:
+    """SmolLM2-135M-Instruct + one full fine-tune per short-answer task (built once, cached).
+
+    Each task model: ``steps`` AdamW steps (constant ``lr``, ``batch_size`` rows, one pass over
+    the task's first ``steps * batch_size`` training rows), loss on " <label><|im_end|>" only,
+    raw prompt (``PROMPTS``). ``steps`` may be a mapping task -> steps. The fine-tuning seed is
+    ``seed`` + the task's position in ``DECODER_TASKS`` (so any task order builds the same models).
+    """
+    from dare_lab.taskpool.base import plain_config
+
+    tasks = list(plain_config(tasks))
+    steps_of = plain_config(steps)
+    base = smollm2_base(cache_dir)
+    models = {}
+    for task in tasks:
+        if task not in DECODER_TASKS:
+            raise ValueError(f"unknown decoder demo task {task!r}; choose from {sorted(DECODER_TASKS)}")
+        n_steps = int(steps_of[task]) if isinstance(steps_of, Mapping) else int(steps_of)
+        n_train = n_steps * int(batch_size)
+        out = (Path(cache_dir).expanduser() / "smollm2_135m" / "labels"
+               / f"{task}_s{n_steps}_lr{lr:g}_b{batch_size}_seed{seed}")
+        recs = label_sft_records(task, n_train, seed)
+        models[task] = str(finetune_causal_lm(base, recs, out, template="raw", steps=n_steps, lr=lr,
+                                              batch_size=batch_size, max_len=256,
+                                              seed=seed + list(DECODER_TASKS).index(task), num_threads=num_threads))
+    return ModelPool(base=str(base), models=models, name=name, prompts={m: "raw" for m in models})

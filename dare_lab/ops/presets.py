@@ -9,19 +9,15 @@ Each knob, with its formula (δ_k = θ_k − θ_PRE, computed in float32):
   | darex (DARE's mask, ×1/q instead of 1/(1−p)).
 - ``epsilon`` (della): ε ∈ [0, min(p, 1−p)), null = ½·min(p, 1−p). ``rank_scope`` (della):
   row (default) | tensor. ``gamma`` (breadcrumbs): outlier fraction γ ∈ [0, 1), null = 0.01.
-  ``rescale_q`` (darex): q ∈ [1−p, 1], ``auto`` (per-tensor data-free rule, default), or a
-  mapping model name → q.
-- ``rescale``: false | true (×1/(1−p), magnitude / breadcrumbs; DARE and DELLA always rescale
-  by their own rule) | l1 (mergekit's rule for dare, drop_only, magnitude, della, breadcrumbs:
-  the masked tensor × ‖δ‖₁/‖δ̂‖₁, skipped where a norm is < 1e-7; no per-entry factor).
-  ``count_rule`` (magnitude, breadcrumbs): ceil (⌈(1−p)n⌉ kept) | mergekit (its ``int(density·n)``).
+  ``rescale_q`` (darex): q ∈ [1−p, 1]; ``auto`` (default: dare_lab's per-tensor data-free proxy,
+  not the paper's); the paper's ``validation`` (one q per model: coarse-to-fine grid, step
+  ``q_step``, refinement ``q_decay``, scored on the taskpool's validation split) or ``analytical``
+  (per-layer q from the paper's bound with η = ``q_eta``, on mean input activations of
+  calibration texts); or a mapping model name → q.
 - ``drop_rate``: p, the fraction of delta entries dropped (not a density: density = 1−p).
 - ``target``: delta (default) or finetuned (paper §4.7: sparsify θ_k itself).
 - ``merger``: average (θ_PRE + mean_k δ̂_k) | task_arithmetic (θ_PRE + λ Σ_k w_k δ̂_k)
-  | ties (θ_PRE + λ · disjoint mean of the sign-agreeing, top-``retain_ratio`` entries)
-  | linear (mergekit's: Σ w_k θ_k / Σ w_k over the models' own tensors; ``normalize``)
-  | gta (mergekit's generalized task arithmetic: θ_PRE + λ·Σ w_k δ̂_k a_k / D, ``consensus`` none |
-  sum — a_k = [sign(w_k δ̂_k) = e], e = + where Σ w_k δ̂_k ≥ 0 — and ``normalize``: D = Σ w_k a_k).
+  | ties (θ_PRE + λ · disjoint mean of the sign-agreeing, top-``retain_ratio`` entries).
 - ``scaling``: λ. ``retain_ratio``: TIES' k, the kept fraction of each tensor's |δ| (default 0.2;
   1, no second trim, for della_ties and breadcrumbs_ties: their sparsifier is the trim, as in DELLA).
 - ``trim_scope`` (ties): tensor (default: top k of |δ̂_k| per tensor, mergekit / peft) | model (the
@@ -40,7 +36,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dare_lab.ops.method import MergeMethod, Merger, Sparsifier
-from dare_lab.ops.sparsify import check_rescale
 
 PRESETS: dict[str, dict[str, Any]] = {
     "average": {"sparsifier": "none", "merger": "average"},
@@ -64,7 +59,7 @@ def build_method(
     name: str = "dare_task_arithmetic",
     sparsifier: str | None = None,
     drop_rate: float | None = None,
-    rescale: bool | str = False,
+    rescale: bool = False,
     target: str = "delta",
     sampler: str = "torch_rand",
     merger: str | None = None,
@@ -79,10 +74,10 @@ def build_method(
     gamma: float | None = None,
     rescale_q: float | str | Mapping[str, float | str] | None = None,
     rank_scope: str = "row",
+    q_eta: float | None = None,
+    q_step: float = 0.1,
+    q_decay: float = 0.1,
     trim_scope: str = "tensor",
-    count_rule: str = "ceil",
-    consensus: str = "none",
-    normalize: bool = False,
 ) -> MergeMethod:
     """Build a :class:`MergeMethod` from a preset name plus plain overrides.
 
@@ -101,17 +96,17 @@ def build_method(
     if isinstance(rescale_q, Mapping):   # name-keyed q (an OmegaConf DictConfig too)
         rescale_q = {str(m): q for m, q in rescale_q.items()}
     sp = Sparsifier(kind=sparsifier, drop_rate=float(drop_rate),
-                    rescale=check_rescale(rescale), target=target, sampler=sampler, count_rule=str(count_rule),
+                    rescale=bool(rescale), target=target, sampler=sampler,
                     epsilon=None if epsilon is None else float(epsilon),
-                    gamma=None if gamma is None else float(gamma), rescale_q=rescale_q, rank_scope=str(rank_scope))
+                    gamma=None if gamma is None else float(gamma), rescale_q=rescale_q, rank_scope=str(rank_scope),
+                    q_eta=q_eta, q_step=q_step, q_decay=q_decay)
     if retain_ratio is None:   # the preset's (1.0 for della_ties / breadcrumbs_ties), else 0.2
         retain_ratio = (preset or {}).get("retain_ratio", 0.2)
     mg = Merger(kind=merger, scaling=float(scaling), retain_ratio=float(retain_ratio), merge_func=merge_func,
                 weights=None if weights is None else (
                     {str(m): float(w) for m, w in weights.items()} if isinstance(weights, Mapping)
                     else tuple(float(w) for w in weights)),
-                weighted_election=bool(weighted_election), trim_scope=trim_scope, consensus=str(consensus),
-                normalize=normalize)
+                weighted_election=bool(weighted_election), trim_scope=trim_scope)
     if overrides and mg.trim_scope == "model":
         raise ValueError("TIES trim_scope=model does not combine with method.overrides (per-model / per-tensor "
                          "knobs); use trim_scope=tensor or drop the overrides")

@@ -310,6 +310,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if taskpool is not None:
         preflight(taskpool, pool)
     method_name = OmegaConf.to_container(cfg.method, resolve=True).get("name", "custom")
+    from dare_lab.analysis.darex_q import needs_resolution, resolve_rescale_q
+
+    q_info: dict[str, Any] = {}
+    if needs_resolution(method):   # DAREx-q's q chosen on data (the paper's rules), before the merge
+        method, q_info = resolve_rescale_q(method, pool, taskpool, scope=engine_kwargs(cfg)["scope"])
     if isinstance(method, FineTuned):
         started = time.perf_counter()
         metrics = score_finetuned(method, pool, taskpool)
@@ -339,6 +344,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         why = "a sweep job whose taskpool evaluates in memory" if save_setting(cfg) == "auto" else "output.save=false"
         print(f"dare-lab: merged model evaluated in memory and not saved ({why}; output.save=true keeps it)")
         metrics["method"] = method_name
+        metrics.update(q_info)
         log_metrics_table(metrics)
         return metrics
     out_dir = Path(model_dir).expanduser() if model_dir else run_dir / "merged"
@@ -350,6 +356,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if taskpool is not None:
             metrics.update(taskpool.evaluate(merged, pool))
         metrics["method"] = method_name
+        metrics.update(q_info)
         log_metrics_table(metrics)
     except BaseException as exc:
         exc.dare_lab_kept = [Path(merged)]  # type: ignore[attr-defined]

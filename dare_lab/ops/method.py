@@ -23,8 +23,9 @@ import torch
 from dare_lab.ops import merge as mergers
 from dare_lab.ops.darex_q import DAREX_Q_RULES
 from dare_lab.ops.seeding import tensor_generator
-from dare_lab.ops.sparsify import (RANK_SCOPES, SAMPLERS, breadcrumbs, check_della_epsilon, check_drop_rate,
-                                   check_gamma, check_rescale_q, dare, darex, della, magnitude_prune)
+from dare_lab.ops.sparsify import (COUNT_RULES, RANK_SCOPES, SAMPLERS, breadcrumbs, check_della_epsilon,
+                                   check_drop_rate, check_gamma, check_rescale, check_rescale_q, dare, darex, della,
+                                   magnitude_prune)
 
 SPARSIFIERS = ("none", "dare", "drop_only", "magnitude", "della", "breadcrumbs", "darex")
 STREAMED_KINDS = ("none", "dare", "drop_only", "magnitude")
@@ -34,7 +35,13 @@ DETERMINISTIC_KINDS = ("none", "magnitude", "breadcrumbs")
 """Sparsifiers that draw no random numbers (one seed is enough in the analyses)."""
 DEFAULT_GAMMA = 0.01
 """Breadcrumbs' default outlier fraction γ (mergekit's default)."""
-MERGERS = ("average", "task_arithmetic", "ties")
+MERGERS = ("average", "task_arithmetic", "ties", "linear", "gta")
+STREAMED_MERGERS = ("average", "task_arithmetic", "ties")
+"""Mergers the engine's chunked fast path implements; ``linear`` and ``gta`` (mergekit's rules)
+run through the whole-tensor reference path."""
+CONSENSUS = ("none", "sum")
+"""``gta``'s sign consensus: ``none`` (every entry counts) or ``sum`` (mergekit's TIES-style
+election on the weighted deltas, Σ = 0 elects +)."""
 TRIM_SCOPES = ("tensor", "model")
 """TIES' trim scope: ``tensor`` (default: the top k of |δ_k| in each tensor, as mergekit and peft)
 or ``model`` (the official TIES code / MergeLM: one threshold per model over all its merged
@@ -50,8 +57,11 @@ class Sparsifier:
     | della (MagPrune: keep probabilities (1−p) ± ε by magnitude rank, ×1/(1−p_i))
     | breadcrumbs (drop the top-γ outliers and the smallest |δ|, keep ⌈(1−p)n⌉)
     | darex (DARE's mask, ×1/q). Formulas: :mod:`dare_lab.ops.sparsify`.
-    drop_rate: p. rescale: only read for ``magnitude`` and ``breadcrumbs`` (DARE and DELLA
-    always, DropOnly never rescales; DAREx rescales by 1/q).
+    drop_rate: p. rescale: true/false only read for ``magnitude`` and ``breadcrumbs`` (DARE and
+    DELLA always, DropOnly never rescales; DAREx rescales by 1/q); ``"l1"`` (any kind but none
+    and darex): mergekit's rule instead — the masked tensor × ‖δ‖₁/‖δ̂‖₁, no per-entry factor.
+    count_rule (magnitude, breadcrumbs): ``ceil`` ⌈(1−p)n⌉ kept (default) or ``mergekit``
+    (its ``int(density·n)``: :mod:`dare_lab.ops.sparsify`).
     target: delta (default) or finetuned (paper §4.7).
     epsilon: DELLA's ε (None: ½·min(p, 1−p), the middle of its valid range); rank_scope: DELLA
     ranks per ``row`` (default, the authors' code) or per ``tensor``. gamma: Breadcrumbs' γ (None: 0.01).
@@ -67,13 +77,14 @@ class Sparsifier:
 
     kind: str = "none"
     drop_rate: float = 0.0
-    rescale: bool = False
+    rescale: bool | str = False
     target: str = "delta"
     sampler: str = "torch_rand"
     epsilon: float | None = None
     gamma: float | None = None
     rescale_q: float | str | Mapping[str, Any] | None = None
     rank_scope: str = "row"
+    count_rule: str = "ceil"
     q_eta: float | None = None
     q_step: float = 0.1
     q_decay: float = 0.1
@@ -81,6 +92,15 @@ class Sparsifier:
     def __post_init__(self) -> None:
         if self.kind not in SPARSIFIERS:
             raise ValueError(f"unknown sparsifier {self.kind!r}; choose one of {SPARSIFIERS}")
+        object.__setattr__(self, "rescale", check_rescale(self.rescale))
+        if self.rescale == "l1" and self.kind in ("none", "darex"):
+            raise ValueError(f"rescale=l1 does not apply to sparsifier={self.kind} (choose dare, drop_only, magnitude, "
+                             "della or breadcrumbs)")
+        if self.count_rule not in COUNT_RULES:
+            raise ValueError(f"unknown count_rule {self.count_rule!r}; choose one of {COUNT_RULES}")
+        if self.count_rule != "ceil" and self.kind not in ("magnitude", "breadcrumbs"):
+            raise ValueError(f"count_rule={self.count_rule!r} applies only to sparsifier=magnitude or breadcrumbs, "
+                             f"not {self.kind}")
         if self.target not in TARGETS:
             raise ValueError(f"unknown sparsifier target {self.target!r}; choose one of {TARGETS}")
         if self.sampler not in SAMPLERS:
@@ -146,12 +166,16 @@ class Sparsifier:
 
     @property
     def rescales(self) -> bool:
+        """Whether kept entries are divided by their keep probability (needs p < 1)."""
+        if self.rescale == "l1":
+            return False
         return self.kind in ("dare", "della", "darex") or (self.kind in ("magnitude", "breadcrumbs") and self.rescale)
 
     @property
     def streamed(self) -> bool:
-        """Whether the engine's chunked fast path implements this kind (:data:`STREAMED_KINDS`)."""
-        return self.kind in STREAMED_KINDS
+        """Whether the engine's chunked fast path implements this kind (:data:`STREAMED_KINDS`;
+        the L1 rescale and mergekit's counts take the reference path)."""
+        return self.kind in STREAMED_KINDS and self.rescale != "l1" and self.count_rule == "ceil"
 
     @property
     def della_epsilon(self) -> float:
@@ -186,16 +210,17 @@ class Sparsifier:
         """Sparsify one tensor of one model; the mask is seeded by (seed, model, tensor)."""
         if self.kind == "none" or self.drop_rate == 0.0:
             return x
+        l1 = self.rescale == "l1"
         if self.kind == "magnitude":
-            return magnitude_prune(x, self.drop_rate, rescale=self.rescale)
+            return magnitude_prune(x, self.drop_rate, rescale=self.rescale, count=self.count_rule)
         if self.kind == "breadcrumbs":
-            return breadcrumbs(x, self.drop_rate, self.outlier_fraction, rescale=self.rescale)
+            return breadcrumbs(x, self.drop_rate, self.outlier_fraction, rescale=self.rescale, count=self.count_rule)
         gen = tensor_generator(seed, model, tensor, device=x.device)
         if self.kind == "della":
-            return della(x, self.drop_rate, self.della_epsilon, gen, scope=self.rank_scope)
+            return della(x, self.drop_rate, self.della_epsilon, gen, rescale="l1" if l1 else True, scope=self.rank_scope)
         if self.kind == "darex":
             return darex(x, self.drop_rate, gen, self.q_for(model, tensor), sampler=self.sampler)
-        return dare(x, self.drop_rate, gen, rescale=self.kind == "dare", sampler=self.sampler)
+        return dare(x, self.drop_rate, gen, rescale="l1" if l1 else self.kind == "dare", sampler=self.sampler)
 
 
 @dataclass(frozen=True)
@@ -206,6 +231,12 @@ class Merger:
     ties: θ_PRE + λ · disjoint_merge(trim_k(δ̂_k)) with retain ratio k and sign election;
     ``trim_scope`` says over what the top k is taken: each tensor, or the whole model
     (:data:`TRIM_SCOPES`; ``model`` needs the per-model thresholds, given by the engine).
+    linear (mergekit's ``linear``): θ = Σ_k w_k θ_k / Σ_k w_k (``normalize``) or Σ_k w_k θ_k, on
+    the models' own weights (no base; sparsifier none). gta (mergekit's generalized task
+    arithmetic, its operation order in the compute dtype): θ = θ_PRE + λ·Σ_k w_k δ̂_k a_k / D with
+    a_k = [sign(w_k δ̂_k) = e], e = + where Σ_k w_k δ̂_k ≥ 0 else − (``consensus=sum``; a_k = 1
+    for ``none``), D = Σ_k w_k a_k (0 → 1; ``none``: |Σ w| < 1e-8 → 1) when ``normalize``, else 1
+    (:func:`dare_lab.ops.merge.gta`, :func:`dare_lab.ops.merge.linear`).
     """
 
     kind: str = "task_arithmetic"
@@ -215,10 +246,20 @@ class Merger:
     weights: tuple[float, ...] | Mapping[str, float] | None = None   # positional (pool order) or name-keyed
     weighted_election: bool = False
     trim_scope: str = "tensor"
+    consensus: str = "none"
+    normalize: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in MERGERS:
             raise ValueError(f"unknown merger {self.kind!r}; choose one of {MERGERS}")
+        if not isinstance(self.consensus, str) or self.consensus not in CONSENSUS:
+            raise ValueError(f"unknown gta consensus {self.consensus!r}; choose one of {CONSENSUS}")
+        if self.consensus != "none" and self.kind != "gta":
+            raise ValueError(f"consensus={self.consensus!r} applies only to merger=gta, not {self.kind}")
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"merger normalize={self.normalize!r} must be true or false")
+        if self.normalize and self.kind not in ("gta", "linear"):
+            raise ValueError(f"normalize=true applies only to merger=gta or linear, not {self.kind}")
         if not isinstance(self.trim_scope, str) or self.trim_scope not in TRIM_SCOPES:
             raise ValueError(f"unknown TIES trim_scope {self.trim_scope!r}; choose one of {TRIM_SCOPES}")
         if self.trim_scope != "tensor" and self.kind != "ties":
@@ -241,8 +282,17 @@ class Merger:
             return mergers.average(base, deltas)
         if self.kind == "task_arithmetic":
             return mergers.task_arithmetic(base, deltas, self.scaling, self.weights)
+        if self.kind == "gta":
+            return mergers.gta(base, deltas, self.weights, self.consensus, self.normalize, self.scaling)
+        if self.kind == "linear":
+            raise ValueError("merger=linear averages the models' own tensors: use MergeMethod.merge_tensor")
         return mergers.ties(base, deltas, self.retain_ratio, self.scaling, self.merge_func,
                             self.weights, self.weighted_election, thresholds)
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the engine's chunked fast path implements this merger (:data:`STREAMED_MERGERS`)."""
+        return self.kind in STREAMED_MERGERS
 
 
 @dataclass(frozen=True)
@@ -254,6 +304,11 @@ class MergeMethod:
     merger: Merger = field(default_factory=Merger)
     seed: int = 0
     streamable: ClassVar[bool] = True   # one set of knobs for every tensor: the engine may stream it in chunks
+
+    def __post_init__(self) -> None:
+        if self.merger.kind == "linear" and self.sparsifier.kind != "none":
+            raise ValueError(f"merger=linear averages the models' own tensors: it takes no sparsifier "
+                             f"(got {self.sparsifier.kind}; use merger=gta for a sparsified task arithmetic)")
 
     def merge_tensor(self, tensor_name: str, base: torch.Tensor, finetuned: Mapping[str, torch.Tensor],
                      thresholds: Mapping[str, float] | None = None) -> torch.Tensor:
@@ -267,6 +322,8 @@ class MergeMethod:
             from dataclasses import replace
 
             merger = replace(merger, weights=tuple(float(merger.weights[m]) for m in finetuned))
+        if merger.kind == "linear":
+            return mergers.linear(list(finetuned.values()), merger.weights, merger.normalize)
         deltas = self.sparsified_deltas(tensor_name, base, finetuned)
         return merger.apply(base, deltas, None if thresholds is None else [float(thresholds[m]) for m in finetuned])
 
@@ -287,5 +344,5 @@ class MergeMethod:
         from dataclasses import asdict
 
         sp = asdict(self.sparsifier)
-        sp["rescale"] = self.sparsifier.rescales   # what is applied (DARE always rescales), not the MP-only flag
+        sp["rescale"] = "l1" if self.sparsifier.rescale == "l1" else self.sparsifier.rescales   # what is applied (DARE always rescales), not the MP-only flag
         return {"name": self.name, "seed": self.seed, "sparsifier": sp, "merger": asdict(self.merger)}

@@ -14,10 +14,17 @@ Each knob, with its formula (δ_k = θ_k − θ_PRE, computed in float32):
   ``q_step``, refinement ``q_decay``, scored on the taskpool's validation split) or ``analytical``
   (per-layer q from the paper's bound with η = ``q_eta``, on mean input activations of
   calibration texts); or a mapping model name → q.
+- ``rescale``: false | true (×1/(1−p), magnitude / breadcrumbs; DARE and DELLA always rescale
+  by their own rule) | l1 (mergekit's rule for dare, drop_only, magnitude, della, breadcrumbs:
+  the masked tensor × ‖δ‖₁/‖δ̂‖₁, skipped where a norm is < 1e-7; no per-entry factor).
+  ``count_rule`` (magnitude, breadcrumbs): ceil (⌈(1−p)n⌉ kept) | mergekit (its ``int(density·n)``).
 - ``drop_rate``: p, the fraction of delta entries dropped (not a density: density = 1−p).
 - ``target``: delta (default) or finetuned (paper §4.7: sparsify θ_k itself).
 - ``merger``: average (θ_PRE + mean_k δ̂_k) | task_arithmetic (θ_PRE + λ Σ_k w_k δ̂_k)
-  | ties (θ_PRE + λ · disjoint mean of the sign-agreeing, top-``retain_ratio`` entries).
+  | ties (θ_PRE + λ · disjoint mean of the sign-agreeing, top-``retain_ratio`` entries)
+  | linear (mergekit's: Σ w_k θ_k / Σ w_k over the models' own tensors; ``normalize``)
+  | gta (mergekit's generalized task arithmetic: θ_PRE + λ·Σ w_k δ̂_k a_k / D, ``consensus`` none |
+  sum — a_k = [sign(w_k δ̂_k) = e], e = + where Σ w_k δ̂_k ≥ 0 — and ``normalize``: D = Σ w_k a_k).
 - ``scaling``: λ. ``retain_ratio``: TIES' k, the kept fraction of each tensor's |δ| (default 0.2;
   1, no second trim, for della_ties and breadcrumbs_ties: their sparsifier is the trim, as in DELLA).
 - ``trim_scope`` (ties): tensor (default: top k of |δ̂_k| per tensor, mergekit / peft) | model (the
@@ -36,6 +43,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dare_lab.ops.method import MergeMethod, Merger, Sparsifier
+from dare_lab.ops.sparsify import check_rescale
 
 PRESETS: dict[str, dict[str, Any]] = {
     "average": {"sparsifier": "none", "merger": "average"},
@@ -59,7 +67,7 @@ def build_method(
     name: str = "dare_task_arithmetic",
     sparsifier: str | None = None,
     drop_rate: float | None = None,
-    rescale: bool = False,
+    rescale: bool | str = False,
     target: str = "delta",
     sampler: str = "torch_rand",
     merger: str | None = None,
@@ -78,6 +86,9 @@ def build_method(
     q_step: float = 0.1,
     q_decay: float = 0.1,
     trim_scope: str = "tensor",
+    count_rule: str = "ceil",
+    consensus: str = "none",
+    normalize: bool = False,
 ) -> MergeMethod:
     """Build a :class:`MergeMethod` from a preset name plus plain overrides.
 
@@ -96,7 +107,7 @@ def build_method(
     if isinstance(rescale_q, Mapping):   # name-keyed q (an OmegaConf DictConfig too)
         rescale_q = {str(m): q for m, q in rescale_q.items()}
     sp = Sparsifier(kind=sparsifier, drop_rate=float(drop_rate),
-                    rescale=bool(rescale), target=target, sampler=sampler,
+                    rescale=check_rescale(rescale), target=target, sampler=sampler, count_rule=str(count_rule),
                     epsilon=None if epsilon is None else float(epsilon),
                     gamma=None if gamma is None else float(gamma), rescale_q=rescale_q, rank_scope=str(rank_scope),
                     q_eta=q_eta, q_step=q_step, q_decay=q_decay)
@@ -106,7 +117,8 @@ def build_method(
                 weights=None if weights is None else (
                     {str(m): float(w) for m, w in weights.items()} if isinstance(weights, Mapping)
                     else tuple(float(w) for w in weights)),
-                weighted_election=bool(weighted_election), trim_scope=trim_scope)
+                weighted_election=bool(weighted_election), trim_scope=trim_scope, consensus=str(consensus),
+                normalize=normalize)
     if overrides and mg.trim_scope == "model":
         raise ValueError("TIES trim_scope=model does not combine with method.overrides (per-model / per-tensor "
                          "knobs); use trim_scope=tensor or drop the overrides")

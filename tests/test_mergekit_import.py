@@ -131,7 +131,10 @@ def test_dare_ties_is_an_untrimmed_election_and_ties_takes_density_as_retain_rat
 
 @pytest.mark.parametrize("text,message", [
     ("merge_method: slerp\nbase_model: b\nmodels: [{model: a}]", "merge_method='slerp' is not supported"),
-    ("merge_method: linear\nslices: [{sources: []}]\n", "slices are not supported"),
+    ("merge_method: linear\nslices: [{sources: []}]\n", r"slices\[0\].sources must be a non-empty list"),
+    ("merge_method: linear\nslices: [{sources: [{model: a, layer_range: [0, 1]}]}, {sources: []}]\n",
+     "dare_lab takes one slice covering every layer of each model"),
+    ("merge_method: linear\nmodules: {text: {}}\n", "modules are not supported"),
     ("merge_method: task_arithmetic\nbase_model: b\nmodels: [{model: a, parameters: {weight: [0, 1]}}]",
      "a gradient needs the layer count of 'b'"),
     ("merge_method: task_arithmetic\nbase_model: b\nmodels: [{model: a}]", "model 'a' has no weight"),

@@ -253,3 +253,55 @@ def test_della_rescale_false_under_mergekit_semantics_is_refused(tmp_path):
                  "models: [{model: a, parameters: {weight: 1, density: 0.5}}]\n")
     with pytest.raises(mk.MergekitConfigError, match="della with rescale: false is not supported"):
         mk.load(p, semantics="mergekit")
+
+
+SLICE = """merge_method: ties
+slices:
+  - base_model: "{pool}/base"
+    parameters: {weight: 1.0}
+    sources:
+      - {model: "{pool}/base", layer_range: [0, 3]}
+      - {model: "{pool}/a", layer_range: [0, 3], parameters: {density: 0.3}}
+      - {model: "{pool}/b", layer_range: [0, 3], parameters: {weight: 0.6, density: 0.5}}
+      - {model: "{pool}/c", layer_range: [0, 3], parameters: {weight: 0.9, density: 0.7}}
+dtype: float32
+out_dtype: bfloat16
+"""
+
+
+def test_one_whole_model_slice_is_the_models_form(tmp_path):
+    # cases/ties.yml as one slice (the slice's weight for model a); real mergekit-yaml 0.1.5 writes
+    # the same bits for both forms (checked when the fixtures were made)
+    p = tmp_path / "slice.yml"
+    p.write_text(SLICE.replace("{pool}", str(FX / "pool")))
+    m = mk.load(p, semantics="mergekit")
+    assert m.models == {"a": str(FX / "pool/a"), "b": str(FX / "pool/b"), "c": str(FX / "pool/c")}
+    got = merge_models(m.base, m.models, m.method, None, out_dtype=m.out_dtype)
+    want = load_file(str(FX / "out" / "ties.safetensors"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t.replace("layer_range: [0, 3]}\n      - {model: \"{pool}/a\", layer_range: [0, 3]",
+                         "layer_range: [0, 3]}\n      - {model: \"{pool}/a\", layer_range: [0, 2]"),
+     r"layer_range=\[0, 2\] does not cover every layer of .*/a \(\[0, 3\]\)"),
+    (lambda t: t.replace("    parameters: {weight: 1.0}\n", "    parameters: {weight: 1.0}\n    residual_weight: 0.5\n"),
+     r"slices\[0\].residual_weight is not supported"),
+    (lambda t: t.replace("dtype: float32\n", "models: [{model: x}]\ndtype: float32\n"), "give models: or slices:, not both"),
+])
+def test_other_slices_are_one_line_errors(tmp_path, edit, message):
+    p = tmp_path / "slice.yml"
+    p.write_text(edit(SLICE).replace("{pool}", str(FX / "pool")))
+    with pytest.raises(mk.MergekitConfigError, match=message):
+        mk.load(p)
+
+
+def test_gradients_in_paper_semantics_are_per_layer_overrides(tmp_path):
+    m = mk.load(_case(tmp_path, "ties_gradient")).method     # density [0.2, 0.8] → retain_ratio per layer
+    assert (m.merger.kind, m.sparsifier.kind) == ("ties", "none")
+    for model, tensor, k in (("a", "model.embed_tokens.weight", 0.2), ("a", "model.layers.0.mlp.up_proj.weight", 0.2),
+                             ("a", "model.layers.1.mlp.up_proj.weight", 0.5), ("a", "model.layers.2.self_attn.o_proj.weight", 0.8),
+                             ("b", "model.layers.2.mlp.up_proj.weight", 0.45), ("b", "model.layers.2.self_attn.o_proj.weight", 0.8),
+                             ("c", "lm_head.weight", 0.2)):
+        assert m.value("retain_ratio", model, tensor, -1) == pytest.approx(k, abs=1e-12), (model, tensor)
+    assert dict(m.merger.weights) == {"a": 1.0, "b": 1.0, "c": -0.5}

@@ -22,7 +22,11 @@ those places instead (third column; read from mergekit 0.1.5's source) and print
 | ``dtype`` (the compute dtype) | float32 (``engine`` compute dtype); ``out_dtype`` / ``dtype`` printed as ``engine.out_dtype`` to pass | the same (with ``dtype: bfloat16`` mergekit rounds every step to bf16: results agree to bf16 rounding only) |
 | random masks (``dare_*``, ``della*``) | dare_lab's per-(seed, model, tensor) draws | the same (mergekit draws with ``torch.bernoulli``: only the rule is mergekit's) |
 
-Not taken (one-line errors): slices / modules, per-model ``epsilon`` / ``gamma``, gradients of
+``slices`` are taken in one form: a single slice whose sources each cover every layer of their
+model (``layer_range: [0, L]``), which is what mergekit makes of ``models:``; its ``parameters``
+rank between the sources' and the global ones, its ``base_model`` is the base.
+
+Not taken (one-line errors): several slices or partial layer ranges, ``modules``, per-model ``epsilon`` / ``gamma``, gradients of
 ``epsilon`` / ``gamma`` / ``lambda`` / ``normalize``, ``della`` with ``rescale: false``, other
 merge methods; ``int8_mask`` only with ``mergekit_semantics=mergekit`` (it changes no value).
 """
@@ -191,6 +195,37 @@ class _Resolver:
         return default, overrides
 
 
+def _one_slice(slices: Any) -> tuple[list[dict[str, Any]], dict[str, Any], str | None]:
+    """The one form of ``slices`` dare_lab takes: a single output slice whose sources each cover
+    every layer of their model, ``layer_range: [0, L]`` (L from the model's config) — the same
+    merge as ``models:`` (mergekit turns ``models:`` into exactly that slice). Returns the
+    sources as ``models`` entries, the slice's parameters and its base_model."""
+    if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], Mapping):
+        n = len(slices) if isinstance(slices, list) else "?"
+        raise MergekitConfigError(f"mergekit: slices: dare_lab takes one slice covering every layer of each model "
+                                  f"(got {n} slices; stacking or cutting layers is not a merge of whole models)")
+    sl = slices[0]
+    extra = sorted(set(sl) - {"sources", "parameters", "base_model"})
+    if extra:
+        raise MergekitConfigError(f"mergekit: slices[0].{extra[0]} is not supported")
+    sources = sl.get("sources")
+    if not isinstance(sources, list) or not sources:
+        raise MergekitConfigError("mergekit: slices[0].sources must be a non-empty list of {model, layer_range}")
+    listed = []
+    for j, src in enumerate(sources):
+        if not isinstance(src, Mapping) or "model" not in src:
+            raise MergekitConfigError(f"mergekit: slices[0].sources[{j}] needs a model: key")
+        rng = src.get("layer_range")
+        if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(x, int) for x in rng)):
+            raise MergekitConfigError(f"mergekit: slices[0].sources[{j}].layer_range={rng!r} must be [start, end]")
+        n = num_layers_of(str(src["model"]))
+        if rng != [0, n]:
+            raise MergekitConfigError(f"mergekit: slices[0].sources[{j}].layer_range={rng} does not cover every layer "
+                                      f"of {src['model']} ([0, {n}]); dare_lab merges whole models")
+        listed.append({"model": src["model"], "parameters": src.get("parameters") or {}})
+    return listed, dict(sl.get("parameters") or {}), sl.get("base_model")
+
+
 def _scalar(params: Mapping[str, Any], key: str, default: Any, kind: str) -> Any:
     v = params.get(key, default)
     if isinstance(v, (list, Mapping)):
@@ -216,21 +251,32 @@ def load(path: str | Path, seed: int = 0, semantics: str = "paper") -> MergekitC
         raise MergekitConfigError(f"mergekit: {p} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(cfg, Mapping):
         raise MergekitConfigError(f"mergekit: {p} must hold a mapping with merge_method and models")
-    for key in ("slices", "modules"):
-        if cfg.get(key):
-            raise MergekitConfigError(f"mergekit: {key} are not supported (dare_lab merges whole models: use models:)")
+    if cfg.get("modules"):
+        raise MergekitConfigError("mergekit: modules are not supported (dare_lab merges whole models: use models: or "
+                                  "one slice)")
     kind = cfg.get("merge_method")
     if kind not in METHODS:
         raise MergekitConfigError(f"mergekit: merge_method={kind!r} is not supported; choose one of {sorted(METHODS)}")
-    listed = cfg.get("models")
+    notes: list[str] = []
+    base = cfg.get("base_model")
+    slice_params: dict[str, Any] = {}
+    if cfg.get("slices"):
+        if cfg.get("models"):
+            raise MergekitConfigError("mergekit: give models: or slices:, not both (as mergekit)")
+        listed, slice_params, slice_base = _one_slice(cfg["slices"])
+        base = slice_base if slice_base is not None else base
+        notes.append("slices: one slice over every layer of each model = models: with the slice's parameters "
+                     "between the models' and the global ones")
+    else:
+        listed = cfg.get("models")
     if not isinstance(listed, list) or not listed:
         raise MergekitConfigError("mergekit: models must be a non-empty list of {model: ..., parameters: ...}")
     params = dict(cfg.get("parameters") or {})
-    for k in params:
-        if k not in GLOBAL:
-            raise MergekitConfigError(f"mergekit: parameters.{k} is not supported for {kind}; known: {list(GLOBAL)}")
-    notes: list[str] = []
-    base = cfg.get("base_model")
+    for where, ps in (("parameters", params), ("slices[0].parameters", slice_params)):
+        for k in ps:
+            if k not in GLOBAL:
+                raise MergekitConfigError(f"mergekit: {where}.{k} is not supported for {kind}; known: {list(GLOBAL)}")
+    shared = {**params, **slice_params}   # a slice's shared values come first (mergekit's precedence)
     taken: set[str] = set()
     models: dict[str, str] = {}
     per_model: dict[str, dict[str, Any]] = {}
@@ -265,11 +311,11 @@ def load(path: str | Path, seed: int = 0, semantics: str = "paper") -> MergekitC
         base = next(iter(models.values()))  # its own delta is 0 and its weight still counts in Σ w
         if not exact:
             notes.append(f"linear without base_model: {base} serves as the base (the weighted average is the same θ)")
-    if params.get("int8_mask") and not exact:
+    if shared.get("int8_mask") and not exact:
         raise MergekitConfigError("mergekit: parameters.int8_mask is not supported with mergekit_semantics=paper "
                                   "(dare_lab keeps masks exact; with mergekit_semantics=mergekit it changes no value)")
-    normalize = _scalar(params, "normalize", NORMALIZE_DEFAULT[kind], kind)
-    scaling = float(_scalar(params, "lambda", 1.0, kind))
+    normalize = _scalar(shared, "normalize", NORMALIZE_DEFAULT[kind], kind)
+    scaling = float(_scalar(shared, "lambda", 1.0, kind))
     if not isinstance(normalize, bool):
         raise MergekitConfigError(f"mergekit: parameters.normalize={normalize!r} must be true or false")
     names = list(per_model)
@@ -289,7 +335,8 @@ def load(path: str | Path, seed: int = 0, semantics: str = "paper") -> MergekitC
 
     weights: dict[str, float] = {}
     for name in names:
-        srcs = [(f"{name}.weight", per_model[name].get("weight")), ("parameters.weight", params.get("weight"))]
+        srcs = [(f"{name}.weight", per_model[name].get("weight")), ("slices[0].parameters.weight",
+                slice_params.get("weight")), ("parameters.weight", params.get("weight"))]
         if all(v is None for _, v in srcs):
             raise MergekitConfigError(f"mergekit: model {models[name]!r} has no weight (mergekit requires one)")
         w, o = res.resolve("weight", name, srcs, float, 1.0)
@@ -302,15 +349,15 @@ def load(path: str | Path, seed: int = 0, semantics: str = "paper") -> MergekitC
         sparsifier = MERGEKIT_SPARSIFIER.get(kind, sparsifier)
     kwargs: dict[str, Any] = {"sparsifier": sparsifier, "scaling": scaling, "seed": seed, "weights": weights}
     for knob, owner in (("epsilon", "della"), ("gamma", "breadcrumbs")):
-        if knob in params:
+        if knob in shared:
             if METHODS[kind][0] != owner:
                 raise MergekitConfigError(f"mergekit: parameters.{knob} is not used by {kind} (only by {owner} methods)")
-            kwargs[knob] = float(_scalar(params, knob, None, kind))
+            kwargs[knob] = float(_scalar(shared, knob, None, kind))
     if exact and METHODS[kind][0] == "della" and "epsilon" not in kwargs:
         kwargs["epsilon"] = 0.15          # mergekit's default ε
     if exact and METHODS[kind][0] == "breadcrumbs" and "gamma" not in kwargs:
         kwargs["gamma"] = 0.01
-    rescale = _scalar(params, "rescale", RESCALE_DEFAULT[METHODS[kind][0]], kind)
+    rescale = _scalar(shared, "rescale", RESCALE_DEFAULT[METHODS[kind][0]], kind)
     if not isinstance(rescale, bool):
         raise MergekitConfigError(f"mergekit: parameters.rescale={rescale!r} must be true or false")
 
@@ -320,7 +367,9 @@ def load(path: str | Path, seed: int = 0, semantics: str = "paper") -> MergekitC
         of a model's own list matches and no global value does)."""
         vals, per = {}, {}
         for n in names:
-            srcs = [(f"{n}.density", per_model[n].get("density")), ("parameters.density", params.get("density"))]
+            srcs = [(f"{n}.density", per_model[n].get("density")),
+                    ("slices[0].parameters.density", slice_params.get("density")),
+                    ("parameters.density", params.get("density"))]
             vals[n], per[n] = res.resolve(knob, n, srcs, convert, convert(1.0), check_density)
         first = vals[names[0]]
         for n in names:

@@ -305,3 +305,31 @@ def test_gradients_in_paper_semantics_are_per_layer_overrides(tmp_path):
                              ("c", "lm_head.weight", 0.2)):
         assert m.value("retain_ratio", model, tensor, -1) == pytest.approx(k, abs=1e-12), (model, tensor)
     assert dict(m.merger.weights) == {"a": 1.0, "b": 1.0, "c": -0.5}
+
+
+def _dare_lab(tmp_path, *overrides):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", DARE_LAB_RESULTS=str(tmp_path / "results"))
+    pool = FX / "pool"
+    return subprocess.run(["dare-lab", "modelpool=custom", f"modelpool.base={pool / 'base'}",
+                           f"+modelpool.models={{a: {pool / 'a'}, b: {pool / 'b'}}}", *overrides,
+                           "output.progress=false", f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_takes_rescale_l1_and_refuses_other_words(tmp_path):
+    out = tmp_path / "merged"
+    proc = _dare_lab(tmp_path, "method=dare_task_arithmetic", "method.drop_rate=0.5", "method.rescale=l1",
+                     f"output.model_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pool = FX / "pool"
+    want = merge_models(str(pool / "base"), {"a": str(pool / "a"), "b": str(pool / "b")},
+                        build_method("dare_task_arithmetic", drop_rate=0.5, rescale="l1"), None)
+    got = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert '"rescale": "l1"' in (out / "dare_lab_merge.json").read_text()
+    bad = _dare_lab(tmp_path / "bad", "method=dare_task_arithmetic", "method.rescale=l2",
+                    f"output.model_dir={tmp_path / 'bad_out'}")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == \
+        "dare-lab: error: method.rescale=l2: expected true, false or l1 (default False)"

@@ -47,6 +47,12 @@ NULLABLE: frozenset[str] = frozenset()
 # such as a generation backend's options): a string like "false" is never accepted for them.
 BOOL_NAMES = frozenset({"trust_remote_code", "overwrite", "progress", "force", "linear_only", "rescale",
                         "weighted_election", "normalize_fisher", "regression", "enabled"})
+BOOL_OR_WORDS = {"rescale": ("l1",)}
+"""Boolean settings that also take these words (a sparsifier's ``rescale: l1``, mergekit's rule)."""
+
+
+def _word(key: Any, value: Any) -> bool:
+    return isinstance(value, str) and value in BOOL_OR_WORDS.get(str(key), ())
 
 
 def _groups(config_dir: str) -> list[str]:
@@ -167,8 +173,10 @@ def check_types(cfg: Any, defaults: Any, prefix: str = "") -> None:
             raise OverrideError(f"{full}=nan: expected {_EXPECT.get(kd, 'a number')}, not NaN (default {_show(defaults[key])})")
         if kd in ("none",) or kv == "none" or kd not in _ALLOWED:
             continue
-        if kv not in _ALLOWED[kd]:
-            raise OverrideError(f"{full}={_show(cfg[key])}: expected {_EXPECT[kd]} (default {_show(defaults[key])})")
+        if kv not in _ALLOWED[kd] and not (kd == "bool" and _word(key, cfg[key])):
+            words = BOOL_OR_WORDS.get(str(key), ()) if kd == "bool" else ()
+            expect = f"true, false or {' or '.join(words)}" if words else _EXPECT[kd]
+            raise OverrideError(f"{full}={_show(cfg[key])}: expected {expect} (default {_show(defaults[key])})")
         if kd == "dict":
             check_types(cfg[key], defaults[key], f"{full}.")
 
@@ -308,7 +316,8 @@ def check_settings(cfg: Any, prefix: str = "") -> None:
         except Exception:  # noqa: BLE001 - an unresolvable value is the run's to report
             continue
         full = f"{prefix}{key}"
-        if str(key) in BOOL_NAMES and value is not None and not isinstance(value, (bool, DictConfig)):
+        if str(key) in BOOL_NAMES and value is not None and not isinstance(value, (bool, DictConfig)) \
+                and not _word(key, value):
             raise OverrideError(f"{full}={_show(value)}: expected true or false, got a {_kind(value)} "
                                 f"(a string is never a boolean)")
         if isinstance(value, float) and math.isnan(value):

@@ -1,0 +1,97 @@
+"""scripts/paper_comparison.py on a small fake results tree: exact rows and verdicts."""
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "paper_comparison.py"
+
+
+def _write(path: Path, header: str, rows: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([header, *rows]) + "\n")
+
+
+RED_HEADER = "model,metric,method,p,mean,std,n_seeds"
+
+
+def _fake_tree(root: Path) -> None:
+    # encoder: DARE keeps SFT at 0.9, DropOnly and MP fall behind
+    _write(root / "fig3_redundancy" / "demo" / "tables" / "redundancy.csv", RED_HEADER, [
+        "a,a/accuracy,dare,0.0,0.800,0.0,1", "a,a/macro_f1,dare,0.0,0.5,0.0,1",
+        "a,a/accuracy,dare,0.9,0.795,0.004,3", "a,a/accuracy,dare,0.99,0.700,0.010,3",
+        "a,a/accuracy,drop_only,0.9,0.400,0.020,3", "a,a/accuracy,magnitude,0.9,0.790,0.0,1"])
+    # decoder: two models run separately (one run directory each); model b loses at p=0.9
+    _write(root / "decoder_fig3_redundancy" / "run_a" / "tables" / "redundancy.csv", RED_HEADER, [
+        "a,a/accuracy,dare,0.0,0.600,0.0,1", "a,a/accuracy,dare,0.9,0.600,0.0,2",
+        "a,a/accuracy,drop_only,0.9,0.300,0.0,2"])
+    _write(root / "decoder_fig3_redundancy" / "run_b" / "tables" / "redundancy.csv", RED_HEADER, [
+        "b,b/accuracy,dare,0.0,0.900,0.0,1", "b,b/accuracy,dare,0.9,0.500,0.050,2",
+        "b,b/accuracy,drop_only,0.9,0.450,0.0,2"])
+    _write(root / "fig6_embedding_similarity" / "demo" / "tables" / "similarity_last_layer.csv",
+           "model,method,p,mean,q10,median,q90,share_below_0.9", [
+               "a,dare,0.5,0.99,0,0,0,0", "a,dare,0.9,0.96,0,0,0,0",
+               "a,drop_only,0.5,0.80,0,0,0,0", "a,drop_only,0.9,0.50,0,0,0,0"])
+    _write(root / "decoder_table1_merge" / "2026-01-01" / "tables" / "table1_merge.csv",
+           "method,a/accuracy,b/accuracy,merge_seconds", [
+               "sft,0.9,0.8,0", "task_arithmetic,0.5,0.7,1", "dare_task_arithmetic,0.6,0.7,1",
+               "ties,0.6,0.6,1", "dare_ties,0.5,0.6,1"])
+    _write(root / "table6_delta_ranges" / "demo" / "tables" / "delta_overview.csv",
+           "model,min,max,typical_range", ["a,-0.004,0.003,0.0015"])
+
+
+def _run(root: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), "--root", str(root), "--out", str(out)],
+                          capture_output=True, text=True)
+
+
+def _row(md: str, start: str) -> list[str]:
+    line = next(x for x in md.splitlines() if x.startswith(f"| {start}"))
+    return [c.strip() for c in line.strip("|").split(" | ")]
+
+
+def test_rows_and_verdicts(tmp_path):
+    root, out = tmp_path / "paper", tmp_path / "cmp.md"
+    _fake_tree(root)
+    r = _run(root, out)
+    assert r.returncode == 0, r.stderr
+    md = out.read_text()
+    fig3 = _row(md, "Fig. 3/4: DARE keeps")
+    assert fig3[2] == "a: SFT 0.800, DARE p=0.9 0.795±0.004" and fig3[3] == "holds"
+    assert fig3[4] == "a: SFT 0.600, DARE p=0.9 0.600±0.000; b: SFT 0.900, DARE p=0.9 0.500±0.050"
+    assert fig3[5] == "holds for some models"
+    p99 = _row(md, "Fig. 3/4: … and 99%")
+    assert p99[3] == "does not hold" and p99[5] == "not measured"
+    fig8 = _row(md, "Fig. 8")
+    assert fig8[2] == "a: p=0.9 0.795±0.004 vs 0.400±0.020" and fig8[3] == "holds"
+    assert fig8[5] == "holds"  # a: 0.600 vs 0.300, b: 0.500 vs 0.450 (both more than 0.01 apart)
+    fig9 = _row(md, "Fig. 9")
+    assert fig9[3] == "does not hold"  # 0.795 vs 0.790: within the tolerance
+    fig6 = _row(md, "Fig. 6")
+    assert fig6[2] == "DARE 0.990 / 0.960; DropOnly 0.800 / 0.500 (p=0.5 / 0.9)" and fig6[3].startswith("holds")
+    assert fig6[5] == "not measured"
+    t1 = _row(md, "Table 1")
+    assert t1[3] == "not measured"
+    assert t1[4] == ("mean accuracy over tasks: task_arithmetic 0.600 → +DARE 0.650; ties 0.600 → +DARE 0.550 "
+                     "(each task's own SFT model: 0.850)")
+    assert t1[5] == "partly (DARE improves one of the two)"
+    t6 = _row(md, "Table 6")
+    assert t6[2] == "a: 98% within ±0.0015, max \\|δ\\| 0.0040" and t6[3].startswith("holds")
+    assert "size_finding" not in md  # no size row without its directory
+
+
+def test_size_finding_row_when_present(tmp_path):
+    root, out = tmp_path / "paper", tmp_path / "cmp.md"
+    _fake_tree(root)
+    d = root / "size_finding"
+    d.mkdir()
+    (d / "verdict.txt").write_text("mpnet keeps its score to p=0.99, MiniLM to p=0.9: the size claim holds\n")
+    assert _run(root, out).returncode == 0
+    row = _row(out.read_text(), "Fig. 3/4: larger models")
+    assert row[2] == "size_finding/verdict.txt: mpnet keeps its score to p=0.99, MiniLM to p=0.9: the size claim holds"
+    assert row[3] == "holds"
+
+
+def test_missing_tree_is_one_line_error(tmp_path):
+    r = _run(tmp_path / "nope", tmp_path / "x.md")
+    assert r.returncode == 2 and r.stderr.strip() == f"paper_comparison: results tree {tmp_path / 'nope'} does not exist"
+    assert not (tmp_path / "x.md").exists()

@@ -333,3 +333,18 @@ def test_cli_takes_rescale_l1_and_refuses_other_words(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1] == \
         "dare-lab: error: method.rescale=l2: expected true, false or l1 (default False)"
+
+
+def test_layer_overrides_match_the_layer_index_only():
+    from omegaconf import OmegaConf
+
+    from dare_lab.ops.overrides import layer_index
+
+    assert [layer_index(n) for n in ("model.layers.3.mlp.up_proj.weight", "bert.encoder.layer.11.output.dense.bias",
+                                     "transformer.h.0.attn.c_attn.weight", "model.embed_tokens.weight",
+                                     "lm_head.weight", "model.layers_norm.weight")] == [3, 11, 0, None, None, None]
+    cfg = OmegaConf.create({"overrides": [{"layers": [0, 2], "weight": 0.5}, {"layers": 2, "pattern": "mlp", "weight": 3}]})
+    m = build_method("task_arithmetic", overrides=cfg.overrides)
+    assert [m.value("weight", "a", n, 1.0) for n in ("model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight",
+            "model.layers.2.self_attn.q_proj.weight", "model.layers.2.mlp.up_proj.weight", "model.norm.weight")] == \
+        [0.5, 1.0, 0.5, 3.0, 1.0]

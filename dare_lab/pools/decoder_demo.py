@@ -199,14 +199,23 @@ def label_sft_records(task: str, n: int, seed: int = 0) -> list[dict]:
 
 
 def decoder_demo_taskpool(split: str = "test", tasks: Sequence[str] = ("tweets", "bbc"), seed: int = 0,
-                          limit: int | None = None, batch_size: int = 16, num_threads: int | None = None):
-    """The demo's label-likelihood taskpool (held-out rows of each task)."""
+                          limit: int | Mapping[str, int] | None = None, batch_size: int = 16,
+                          num_threads: int | None = None):
+    """The demo's label-likelihood taskpool (held-out rows of each task; ``limit``: the first n rows,
+    one number or per task)."""
+    from dare_lab.taskpool.base import plain_config
     from dare_lab.taskpool.label_likelihood import LabelLikelihoodTaskPool
 
+    limit = plain_config(limit)
+    if isinstance(limit, Mapping):
+        bad = sorted(set(limit) - set(plain_config(tasks)))
+        if bad:
+            raise ValueError(f"limit names task(s) {bad} that this taskpool lacks ({list(plain_config(tasks))})")
     specs = []
-    for t in tasks:
+    for t in plain_config(tasks):
         rows, labels = decoder_demo_split(t, split, seed)
-        specs.append({"name": t, "labels": labels, "rows": rows, "prompt": DECODER_TASKS[t]["prompt"], "limit": limit})
+        n = limit.get(t) if isinstance(limit, Mapping) else limit
+        specs.append({"name": t, "labels": labels, "rows": rows, "prompt": DECODER_TASKS[t]["prompt"], "limit": n})
     return LabelLikelihoodTaskPool(specs, batch_size=batch_size, num_threads=num_threads, name=f"decoder_demo_{split}")
 
 

@@ -253,6 +253,13 @@ class LabelLikelihoodTaskPool:
     def prompts(self, task: LabelTask) -> list[str]:
         return [format_prompt(task.prompt, r["text"], task.labels) for r in self.rows(task)]
 
+    def examples(self, task: LabelTask):
+        """The task's rows as ``.texts`` (the prompts the model sees) and ``.labels`` (probes such
+        as the embedding-similarity analysis read the texts)."""
+        from types import SimpleNamespace
+
+        return SimpleNamespace(texts=self.prompts(task), labels=[r["label"] for r in self.rows(task)])
+
     def preflight(self, pool: ModelPool | None) -> None:
         """Every task's rows load with known labels; with a pool: the base has a tokenizer that
         encodes every label, and each task's own model (for the SFT baseline) is named in the pool

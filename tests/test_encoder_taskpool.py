@@ -180,3 +180,42 @@ def test_bad_inputs(setup, tmp_path):
         ClassificationTaskPool([dict(tasks[0], colour="red")])
     with pytest.raises(ValueError, match="unknown GLUE task 'sst3'"):
         GlueTaskPool(tasks=["sst3"])
+
+
+def test_a_sweeps_taskpools_share_data_and_head_models(setup, tmp_path, monkeypatch):
+    """Each job of a Hydra sweep builds its own taskpool in the same process: the second one
+    reuses the first one's rows, tokenised batches and head models (no re-read, no reload),
+    scores the same, and a changed data file is read again."""
+    import os
+
+    import dare_lab.taskpool.classification as cl
+
+    root, pool, tasks = setup
+    cl.clear_shared_cache()
+    calls = {"load_split": 0, "from_pretrained": 0}
+    orig_split = cl.load_split
+    monkeypatch.setattr(cl, "load_split", lambda *a, **k: calls.__setitem__("load_split", calls["load_split"] + 1)
+                        or orig_split(*a, **k))
+    from transformers import AutoModelForSequenceClassification
+    orig_fp = AutoModelForSequenceClassification.from_pretrained.__func__
+
+    def counting(cls, *a, **k):
+        calls["from_pretrained"] += 1
+        return orig_fp(cls, *a, **k)
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", classmethod(counting))
+    body = read_state_dict(pool.base)
+    first = ClassificationTaskPool(tasks, batch_size=8)
+    r1 = first.evaluate_state_dict(body, pool)
+    assert calls == {"load_split": 2, "from_pretrained": 2}
+    second = ClassificationTaskPool(tasks, batch_size=8)
+    assert second.evaluate_state_dict(body, pool) == r1
+    assert calls == {"load_split": 2, "from_pretrained": 2}
+    assert second.task_model(second.tasks[0], pool)[0] is first.task_model(first.tasks[0], pool)[0]
+    assert second.evaluate_models(pool) == ClassificationTaskPool(tasks, batch_size=8).evaluate_models(pool)
+    # a data file that changed on disk is read again
+    f = tasks[0]["files"]["test"]
+    st = os.stat(f)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    ClassificationTaskPool(tasks, batch_size=8).evaluate_state_dict(body, pool)
+    assert calls["load_split"] == 3
+    cl.clear_shared_cache()

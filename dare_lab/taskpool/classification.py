@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -359,6 +360,40 @@ def head_labels(ref: str) -> int:
 # ----------------------------------------------------------------------------- taskpools
 
 
+# Shared by every taskpool of one process: a Hydra sweep's jobs run in one process (basic
+# launcher) and each builds its own taskpool; without this each job re-read, re-tokenised and
+# re-loaded the same tasks' data and head models. Keys carry the files' (size, mtime), so a
+# changed file is read again; head models are few (least recently used dropped beyond the cap).
+_SHARED_DATA: dict[tuple, Any] = {}
+_SHARED_MODELS: "OrderedDict[tuple, torch.nn.Module]" = OrderedDict()
+MAX_SHARED_MODELS = 8
+
+
+def _stat_key(paths: Sequence[str | Path]) -> tuple:
+    """(path, size, mtime_ns) of each file (or of each file directly in a directory)."""
+    out = []
+    for p in paths:
+        p = Path(p)
+        files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            try:
+                st = f.stat()
+                out.append((str(f), st.st_size, st.st_mtime_ns))
+            except OSError:
+                out.append((str(f), None, None))
+    return tuple(out)
+
+
+def _task_key(task: "TaskSpec") -> tuple:
+    return repr(task), _stat_key([v for v in (task.files or {}).values()])
+
+
+def clear_shared_cache() -> None:
+    """Forget the data and head models shared across this process's taskpools."""
+    _SHARED_DATA.clear()
+    _SHARED_MODELS.clear()
+
+
 class ClassificationTaskPool:
     """Scores a (merged) encoder on several classification/regression tasks.
 
@@ -403,7 +438,10 @@ class ClassificationTaskPool:
     # -- data
     def examples(self, task: TaskSpec) -> Examples:
         if task.name not in self._examples:
-            self._examples[task.name] = load_split(task, self.split)
+            key = ("examples", _task_key(task), self.split)
+            if key not in _SHARED_DATA:
+                _SHARED_DATA[key] = load_split(task, self.split)
+            self._examples[task.name] = _SHARED_DATA[key]
         return self._examples[task.name]
 
     def _encoded_for(self, task: TaskSpec, head_dir: str) -> tuple[list, np.ndarray]:
@@ -411,8 +449,11 @@ class ClassificationTaskPool:
 
         key = (task.name, self.split, str(head_dir), task.max_length, self.batch_size)
         if key not in self._encoded:
-            tok = AutoTokenizer.from_pretrained(head_dir)
-            self._encoded[key] = encode_batches(tok, self.examples(task), task.max_length, self.batch_size)
+            shared = ("encoded", _task_key(task), self.split, _stat_key([head_dir]), task.max_length, self.batch_size)
+            if shared not in _SHARED_DATA:
+                tok = AutoTokenizer.from_pretrained(head_dir)
+                _SHARED_DATA[shared] = encode_batches(tok, self.examples(task), task.max_length, self.batch_size)
+            self._encoded[key] = _SHARED_DATA[shared]
         return self._encoded[key]
 
     def task_model(self, task: TaskSpec, pool: ModelPool) -> tuple[torch.nn.Module, str]:
@@ -428,12 +469,19 @@ class ClassificationTaskPool:
             from dare_lab.engine.sources import resolve_model_dir
 
             path = str(resolve_model_dir(ref))
-            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+            shared = (path, _stat_key([path]), str(self.device))
+            model = _SHARED_MODELS.pop(shared, None)
+            if model is None:
+                model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+                model = model.to(self.device).eval()
+                model._dare_lab_path = path  # type: ignore[attr-defined]
+            _SHARED_MODELS[shared] = model       # most recently used last
+            while len(_SHARED_MODELS) > MAX_SHARED_MODELS:
+                _SHARED_MODELS.popitem(last=False)
             n = model.config.num_labels
             if task.num_labels is not None and n != task.num_labels:
                 raise ValueError(f"task {task.name!r} has {task.num_labels} labels but model {ref!r} has a {n}-way head")
-            self._task_models[key] = model.to(self.device).eval()
-            self._task_models[key]._dare_lab_path = path  # type: ignore[attr-defined]
+            self._task_models[key] = model
         model = self._task_models[key]
         return model, model._dare_lab_path  # type: ignore[attr-defined]
 

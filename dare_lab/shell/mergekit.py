@@ -26,9 +26,16 @@ those places instead (third column; read from mergekit 0.1.5's source) and print
 model (``layer_range: [0, L]``), which is what mergekit makes of ``models:``; its ``parameters``
 rank between the sources' and the global ones, its ``base_model`` is the base.
 
-Not taken (one-line errors): several slices or partial layer ranges, ``modules``, per-model ``epsilon`` / ``gamma``, gradients of
-``epsilon`` / ``gamma`` / ``lambda`` / ``normalize``, ``della`` with ``rescale: false``, other
-merge methods; ``int8_mask`` only with ``mergekit_semantics=mergekit`` (it changes no value).
+Evidence: with ``mergekit_semantics=mergekit`` the outputs of real ``mergekit-yaml`` 0.1.5 on a
+tiny Llama (tests/fixtures/mergekit: linear, task_arithmetic with and without gradients and
+filters, ties with and without a density gradient and a negative weight, bf16 output,
+breadcrumbs with the L1 rescale, breadcrumbs_ties, dare_ties at density 1) are reproduced bit for
+bit in float32; the random-mask methods follow mergekit's rule on dare_lab's mask.
+
+Not taken (one-line errors): several slices or partial layer ranges, ``modules``, per-model
+``epsilon`` / ``gamma``, gradients of ``epsilon`` / ``gamma`` / ``lambda`` / ``normalize``,
+``della`` with ``rescale: false``, other merge methods; ``int8_mask`` only with
+``mergekit_semantics=mergekit`` (it changes no value).
 """
 
 from __future__ import annotations
@@ -475,6 +482,11 @@ def _load_mergekit(kind, cfg, base, models, kwargs, weights, overrides, varying_
     if cfg.get("dtype") not in (None, "float32"):
         notes.append(tag + f"mergekit computes in dtype {cfg['dtype']}, dare_lab in float32: results agree to "
                      f"{cfg['dtype']} rounding, not bit for bit")
+    elif cfg.get("dtype") is None:
+        notes.append(tag + "no dtype: mergekit computes in the checkpoints' stored dtype, dare_lab in float32 (the "
+                     "same bits for float32 checkpoints; add dtype: float32 to make mergekit match)")
+    if (cfg.get("parameters") or {}).get("int8_mask"):
+        notes.append(tag + "int8_mask only changes mergekit's mask storage, no value")
     kwargs["overrides"] = overrides or None
     method = build_method(name=f"mergekit_{kind}", **kwargs)
     return MergekitConfig(base=str(base), models=models, method=method,

@@ -155,3 +155,27 @@ def test_write_behind_holds_at_most_its_buffers_in_flight(tmp_path, monkeypatch)
     w.done("x")
     w.finish()
     assert torch.equal(load_file(tmp_path / "model.safetensors")["x"], x)
+
+
+def test_shard_plan_is_huggingface_hubs(tmp_path):
+    """The shard layout is the one save_pretrained writes (huggingface_hub's split), including a
+    tensor larger than the limit alone in its own shard, and bad sizes fail in one line."""
+    import pytest
+    import torch
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    from dare_lab.engine.writer import ShardedSafetensorsWriter
+
+    sd = {"a": torch.zeros(1000), "b": torch.zeros(3000), "c": torch.zeros(10), "d": torch.zeros(900, dtype=torch.bfloat16)}
+    want = split_torch_state_dict_into_shards(sd, max_shard_size="6KB")
+    w = ShardedSafetensorsWriter(tmp_path, [(k, tuple(v.shape), v.dtype) for k, v in sd.items()], "6KB")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(want.filename_to_tensors)
+    from safetensors import safe_open
+
+    for fname, keys in want.filename_to_tensors.items():
+        with safe_open(str(tmp_path / fname), "pt") as f:
+            assert sorted(f.keys()) == sorted(keys)
+    w.close()
+    with pytest.raises(ValueError, match="Unit 'XB' not supported"):
+        ShardedSafetensorsWriter(tmp_path / "x", [("a", (4,), torch.float32)], "6XB")

@@ -36,17 +36,6 @@ from dare_lab.engine.sources import SAFE_DTYPES, pread_exact
 _DTYPE_CODE = {v: k for k, v in SAFE_DTYPES.items()}
 
 
-def parse_size(size: int | str) -> int:
-    """'2GB' / '500MB' / 123 → bytes (decimal units, like transformers)."""
-    if isinstance(size, int):
-        return size
-    text = str(size).strip().upper()
-    for unit, mult in (("GIB", 1 << 30), ("MIB", 1 << 20), ("KIB", 1 << 10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * mult)
-    return int(text)
-
-
 ALIGN = 4096            # page size: O_DIRECT offsets, lengths and memory must be aligned to the block size
 DIRECT_MIN = 64 << 10   # writes with less aligned middle than this stay buffered
 
@@ -71,17 +60,16 @@ class ShardedSafetensorsWriter:
     def __init__(self, tmp_dir: Path, entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size: int | str = "5GB",
                  direct: bool = True):
         self.dir = Path(tmp_dir)
-        limit = parse_size(max_shard_size)
-        shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
-        used = 0
-        for entry in entries:
-            nb = tensor_nbytes(entry[1], entry[2])
-            if shards[-1] and used + nb > limit:
-                shards.append([])
-                used = 0
-            shards[-1].append(entry)
-            used += nb
-        total = len(shards)
+        from huggingface_hub import split_state_dict_into_shards_factory
+
+        # huggingface_hub's own plan (the one save_pretrained uses): tensors in order, a new shard
+        # when the next would pass the limit, a tensor larger than the limit alone in its shard
+        specs = {name: (shape, dtype) for name, shape, dtype in entries}
+        split = split_state_dict_into_shards_factory(specs, get_storage_size=lambda e: tensor_nbytes(*e),
+                                                     filename_pattern="model{suffix}.safetensors",
+                                                     max_shard_size=max_shard_size)
+        files = split.filename_to_tensors or {"model.safetensors": []}
+        shards = [[(name, *specs[name]) for name in names] for names in files.values()]
         self.files: list[Path] = []
         self._where: dict[str, tuple[Path, int, int, torch.dtype, tuple[int, ...]]] = {}
         self._pending: set[str] = set()
@@ -98,8 +86,7 @@ class ShardedSafetensorsWriter:
         self._spare: list[np.ndarray] = []
         self._inflight: list = []
         self._error: BaseException | None = None
-        for i, shard in enumerate(shards, 1):
-            fname = "model.safetensors" if total == 1 else f"model-{i:05d}-of-{total:05d}.safetensors"
+        for fname, shard in zip(files, shards):
             self._write_header(self.dir / fname, shard)
         self.total_size = sum(tensor_nbytes(s, d) for _, s, d in entries)
 

@@ -154,3 +154,27 @@ def test_killed_sweep_resumes_to_the_uninterrupted_summary(tiny_bert_pool, tmp_p
                 text = f.read_text(errors="replace")
                 assert SECRET_OVERRIDE not in text and SECRET_ENV not in text, f
     assert "secrets.api_key=***" in (sweep / "0" / ".hydra" / "overrides.yaml").read_text().replace("- +", "")
+
+
+def test_a_rerun_clears_the_killed_attempts_tracker_files_only_for_the_same_run(tmp_path):
+    """A killed job's tracker files (metrics history, tables, plots, W&B offline run) are the
+    same run's: its rerun starts them afresh instead of appending; another run's stay."""
+    from omegaconf import OmegaConf
+
+    def job_dir(name, rid):
+        d = tmp_path / name
+        (d / "tables").mkdir(parents=True)
+        (d / "tables" / "metrics.csv").write_text("metric,value\n")
+        (d / "wandb" / "offline-run-1").mkdir(parents=True)
+        (d / "metrics_history.jsonl").write_text('{"step": 0}\n')
+        (d / "run.json").write_text(json.dumps({"run_id": rid}))
+        (d / "notes.txt").write_text("the user's")
+        return d
+
+    cfg = OmegaConf.create({"output": {"model_dir": None}})
+    mine = job_dir("mine", "rid-a")
+    cli.clear_leftovers(mine, cfg, "rid-a")
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    other = job_dir("other", "rid-b")
+    cli.clear_leftovers(other, cfg, "rid-a")
+    assert sorted(p.name for p in other.iterdir()) == ["metrics_history.jsonl", "notes.txt", "run.json", "tables", "wandb"]

@@ -134,8 +134,12 @@ def clear_leftovers(run_dir: Path, cfg: DictConfig, rid: str | None = None) -> N
     recorded = _recorded_id(run_dir)
     if rid is not None and recorded is not None and recorded != rid:
         return
-    for name in _LEFTOVERS:
-        (run_dir / name).unlink(missing_ok=True)
+    for name in (*_LEFTOVERS, *TRACKER_NAMES):  # the tracker's files too: a rerun must not append to them
+        p = run_dir / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     if not cfg.get("output", {}).get("model_dir"):  # the default output, inside the run dir
         merged = run_dir / "merged"
         for p in [merged, *run_dir.glob(".merged.tmp-*"), *run_dir.glob(".merged.old-*")]:

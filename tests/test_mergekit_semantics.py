@@ -1,8 +1,9 @@
 """``mergekit_semantics=mergekit``: mergekit's own rules, bit for bit.
 
-Two kinds of evidence: (1) the outputs of real ``mergekit-yaml`` (mergekit 0.1.5, float32) on a
-tiny Llama pool, committed under tests/fixtures/mergekit/ (README there), which dare_lab must
-reproduce exactly; (2) this file's own float64 references of each rule, written from mergekit's
+Two kinds of evidence: (1) the outputs of real mergekit (0.1.5, float32) on a tiny Llama pool,
+committed under tests/fixtures/mergekit/ (README there), which dare_lab must reproduce exactly —
+``mergekit-yaml`` itself for the deterministic methods, and for DARE-TIES and DELLA mergekit's
+code with its random draw replaced by dare_lab's mask (``*_masked``); (2) this file's own float64 references of each rule, written from mergekit's
 source (L1 rescale, int(density·n) counts, weighted election with 0 → +, Σ w·[agree]
 normalisation, linear, gradients), for the knobs one at a time and for the random-mask methods
 (DARE, DELLA) given dare_lab's mask.
@@ -41,7 +42,7 @@ def _case(tmp_path, case):
 
 def test_fixtures_are_there():
     assert {"linear", "task_arithmetic", "task_arithmetic_gradient", "ties", "ties_gradient", "breadcrumbs",
-            "breadcrumbs_ties", "dare_ties_density1"} <= set(CASES)
+            "breadcrumbs_ties", "dare_ties_masked", "della_masked"} <= set(CASES)
     assert sum(f.stat().st_size for f in FX.rglob("*") if f.is_file()) < 200_000
 
 
@@ -57,7 +58,8 @@ def test_mergekit_semantics_reproduce_mergekit_yaml_bit_for_bit(tmp_path, case):
         assert torch.equal(got[name], w), (name, (got[name].double() - w.double()).abs().max().item())
 
 
-@pytest.mark.parametrize("case", ["ties", "breadcrumbs", "breadcrumbs_ties", "ties_gradient", "dare_ties_density1"])
+@pytest.mark.parametrize("case", ["ties", "breadcrumbs", "breadcrumbs_ties", "ties_gradient", "dare_ties_masked",
+                                  "della_masked"])
 def test_paper_semantics_differ_where_the_notes_say(tmp_path, case):
     m = mk.load(_case(tmp_path, case))   # default: paper
     assert m.semantics == "paper" and m.notes and not any(n.startswith("semantics=mergekit") for n in m.notes)

@@ -29,8 +29,8 @@ rank between the sources' and the global ones, its ``base_model`` is the base.
 Evidence: with ``mergekit_semantics=mergekit`` the outputs of real ``mergekit-yaml`` 0.1.5 on a
 tiny Llama (tests/fixtures/mergekit: linear, task_arithmetic with and without gradients and
 filters, ties with and without a density gradient and a negative weight, bf16 output,
-breadcrumbs with the L1 rescale, breadcrumbs_ties, dare_ties at density 1) are reproduced bit for
-bit in float32; the random-mask methods follow mergekit's rule on dare_lab's mask.
+breadcrumbs with the L1 rescale, breadcrumbs_ties; dare_ties and della run through mergekit's code
+with dare_lab's mask in place of its ``torch.bernoulli`` draw) are reproduced bit for bit in float32.
 
 Not taken (one-line errors): several slices or partial layer ranges, ``modules``, per-model
 ``epsilon`` / ``gamma``, gradients of ``epsilon`` / ``gamma`` / ``lambda`` / ``normalize``,

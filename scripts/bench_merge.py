@@ -12,8 +12,14 @@ Writes ``results/bench/merge.md`` and ``merge.csv``; the last printed line is
     python scripts/bench_merge.py --size tiny --reps 1               # quick, while iterating
     python scripts/bench_merge.py --size 1b --reps 3 --scaling --delta  # the reported run
 
-mergekit is a benchmark-only dependency in its own venv (``--mergekit``, default
-``$MERGEKIT_YAML`` or /work/bench-venv/bin/mergekit-yaml). Timings never go into tests.
+mergekit is a benchmark-only dependency in its own venv (never a dare_lab dependency)::
+
+    python -m venv /tmp/mergekit-venv && /tmp/mergekit-venv/bin/pip install torch==2.13.0 mergekit
+    MERGEKIT_YAML=/tmp/mergekit-venv/bin/mergekit-yaml python scripts/bench_merge.py ...
+
+(``--mergekit PATH``; default ``$MERGEKIT_YAML``, else ``mergekit-yaml`` on PATH; without one
+the mergekit columns stay empty). ``--compile`` adds each method's first merge with an empty
+numba cache (cold) and with a warm one. Timings never go into tests.
 """
 
 from __future__ import annotations
@@ -53,15 +59,35 @@ EXTRA = {"dare_ta_geo": (dict(name="dare_task_arithmetic", drop_rate=0.9, scalin
                          "DARE + TA, geometric sampler")}
 
 CHILD = r"""
-import json, sys, time
+import json, os, sys, time
 t0 = time.perf_counter()
+_launched, _first = float(os.environ.get("BENCH_LAUNCHED", "nan")), []
+_pread = os.pread
+def _timed_pread(fd, n, off):   # process start → first tensor byte read (both ends wall-clock)
+    if not _first:
+        _first.append(time.time() - _launched)
+    return _pread(fd, n, off)
+os.pread = _timed_pread
+_preadv = getattr(os, "preadv", None)
+if _preadv is not None:
+    def _timed_preadv(fd, bufs, off, *a):
+        if not _first:
+            _first.append(time.time() - _launched)
+        return _preadv(fd, bufs, off, *a)
+    os.preadv = _timed_preadv
 from dare_lab.engine import merge_models
 from dare_lab.ops.presets import build_method
 cfg = json.loads(sys.argv[1])
 t1 = time.perf_counter()
 merge_models(cfg["base"], cfg["models"], build_method(**cfg["method"]), cfg["out"], threads=cfg["threads"])
 t2 = time.perf_counter()
-print(json.dumps({"import_s": t1 - t0, "merge_s": t2 - t1}))
+from dare_lab.engine import warmup
+import threading
+for th in threading.enumerate():   # the background compile (the process would wait for it at exit anyway)
+    if th.name == "dare-lab-numba-warmup":
+        th.join()
+print(json.dumps({"import_s": t1 - t0, "merge_s": t2 - t1, "first_read_s": _first[0] if _first else None,
+                  "warmup": warmup.history()}))
 import gc; gc.freeze()  # as dare-lab's CLI does before it exits (skips a last collection over torch's objects)
 """
 
@@ -153,6 +179,7 @@ def run_measured(cmd: list[str], env: dict | None = None) -> dict:
     os.sync()  # no write-back of an earlier run's (unsynced) output may overlap this one
     time.sleep(1.0)
     steal0, total0 = cpu_ticks()
+    env = dict(env if env is not None else os.environ, BENCH_LAUNCHED=repr(time.time()))
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     # read pipes in threads so the child never blocks, then reap it with wait4 for its rusage
@@ -233,7 +260,41 @@ def io_floor(inputs: list[Path], out_bytes: int, scratch: Path) -> dict:
         os.close(fd)
     total_s = time.perf_counter() - t + read_s
     target.unlink()
-    return {"read_s": read_s, "read_gb": nbytes / 1e9, "write_s": write_s, "sync_s": total_s - read_s - write_s, "floor_s": total_s}
+    direct = direct_write_floor(out_bytes, scratch)
+    return {"read_s": read_s, "read_gb": nbytes / 1e9, "write_s": write_s, "sync_s": total_s - read_s - write_s,
+            "floor_s": total_s, "direct_write_s": direct, "direct_floor_s": read_s + direct if direct == direct else total_s}
+
+
+def direct_write_floor(out_bytes: int, scratch: Path) -> float:
+    """Write + fsync ``out_bytes`` with O_DIRECT from a page-aligned buffer (the merge writer's own
+    path where the file system takes it); NaN where O_DIRECT is refused."""
+    import mmap
+
+    flag = getattr(os, "O_DIRECT", None)
+    if flag is None:
+        return float("nan")
+    target = scratch / "floor_direct.bin"
+    buf = mmap.mmap(-1, 16 << 20)            # anonymous mappings are page aligned
+    view = memoryview(buf)
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag)
+    except OSError:
+        return float("nan")
+    try:
+        t = time.perf_counter()
+        left = out_bytes - out_bytes % 4096
+        while left > 0:
+            n = min(left, len(buf))
+            left -= os.write(fd, view[:n])
+        os.fsync(fd)
+        return time.perf_counter() - t
+    except OSError:
+        return float("nan")
+    finally:
+        os.close(fd)
+        view.release()
+        buf.close()
+        target.unlink(missing_ok=True)
 
 
 def median(xs):
@@ -250,9 +311,11 @@ def main() -> None:
     ap.add_argument("--extra", default="dare_ta_geo", help="dare_lab-only rows (comma list, '' for none)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", default=os.environ.get("DARE_LAB_BENCH_CACHE", str(Path.home() / ".cache" / "dare_lab_bench")))
-    ap.add_argument("--mergekit", default=os.environ.get("MERGEKIT_YAML", "/work/bench-venv/bin/mergekit-yaml"))
+    ap.add_argument("--mergekit", default=os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml") or "",
+                    help="mergekit-yaml of a separate venv (see the module docstring)")
+    ap.add_argument("--compile", action="store_true", help="also time each method's first merge with a cold and a warm numba cache")
     ap.add_argument("--no-mergekit", action="store_true")
-    ap.add_argument("--scaling", action="store_true", help="also time DARE+TA at sizes 0.25b/1b and K = 2, 3, 5")
+    ap.add_argument("--scaling", action="store_true", help="also time DARE+TA at sizes 0.25b/1b and K = 2, 3, 5, 8")
     ap.add_argument("--scaling-sizes", default="0.25b,1b")
     ap.add_argument("--delta", action="store_true", help="also measure delta compression at p = 0.9 / 0.99")
     ap.add_argument("--out", default=str(REPO / "results" / "bench"))
@@ -267,7 +330,7 @@ def main() -> None:
     print(f"checkpoints ready ({time.perf_counter() - t:.0f} s): {args.size}, {param_count(args.size) / 1e9:.3f} B params each, K={args.models}", flush=True)
     keys = [k for k in args.methods.split(",") if k]
     extras = [k for k in args.extra.split(",") if k]
-    use_mk = not args.no_mergekit and Path(args.mergekit).exists()
+    use_mk = not args.no_mergekit and bool(args.mergekit) and Path(args.mergekit).exists()
     out_bytes = param_count(args.size) * 2
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     runs: dict[tuple[str, str], list[dict]] = {}
@@ -298,9 +361,35 @@ def main() -> None:
                       f"steal {100 * r['steal']:.0f} %", flush=True)
 
     floor = {k: median([f[k] for f in floors]) for k in floors[0]}
+    compile_rows = run_compile(args, keys, base, models, scratch, env) if args.compile else []
     scaling = run_scaling(args, cache, scratch, env) if args.scaling else []
     delta = run_delta(args, cache, base, models, scratch) if args.delta else []
-    write_report(args, keys, extras, runs, floor, scaling, delta)
+    write_report(args, keys, extras, runs, floor, scaling, delta, compile_rows)
+
+
+def run_compile(args, keys: list[str], base: Path, models: list[Path], scratch: Path, env: dict) -> list[dict]:
+    """Each method's first merge in a fresh process: numba cache empty (cold: background compile,
+    the default, and DARE_LAB_COMPILE=wait, the old behaviour) and filled (warm)."""
+    rows = []
+    for key in keys:
+        spec = METHODS[key][0]
+        row = {"key": key, "merge": METHODS[key][4]}
+        for label, mode, cold in (("cold_wait", "wait", True), ("cold", "background", True), ("warm", "background", False)):
+            cache_dir = scratch / f"numba-{key}"
+            if cold:
+                shutil.rmtree(cache_dir, ignore_errors=True)
+            out = scratch / f"compile-{key}"
+            shutil.rmtree(out, ignore_errors=True)
+            read_inputs([base, *models])
+            r = run_measured(dare_lab_cmd(base, models, spec, out, args.threads),
+                             {**env, "NUMBA_CACHE_DIR": str(cache_dir), "DARE_LAB_COMPILE": mode})
+            r.update(json.loads(r.pop("stdout").strip().splitlines()[-1]))
+            shutil.rmtree(out, ignore_errors=True)
+            row[label] = r
+            print(f"  compile {key:10s} {label:9s} merge {r['merge_s']:7.2f} s  wall {r['wall']:7.2f} s", flush=True)
+        shutil.rmtree(scratch / f"numba-{key}", ignore_errors=True)
+        rows.append(row)
+    return rows
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -308,6 +397,8 @@ def summarise(runs: list[dict]) -> dict:
     if "merge_s" in runs[0]:
         out["merge_s"] = median([r["merge_s"] for r in runs])
         out["import_s"] = median([r["import_s"] for r in runs])
+        reads = [r["first_read_s"] for r in runs if r.get("first_read_s") is not None]
+        out["first_read_s"] = median(reads) if reads else None
     out["n"] = len(runs)
     return out
 
@@ -316,7 +407,7 @@ def run_scaling(args, cache: Path, scratch: Path, env: dict) -> list[dict]:
     rows = []
     for size in args.scaling_sizes.split(","):
         base = build_checkpoint(cache, size, 0)
-        for k in (2, 3, 5):
+        for k in (2, 3, 5, 8):
             models = [build_checkpoint(cache, size, i) for i in range(1, k + 1)]
             for key in ("dare_ta",):
                 out = scratch / f"scale-{size}-{k}-{key}"
@@ -357,7 +448,7 @@ def run_delta(args, cache: Path, base: Path, models: list[Path], scratch: Path) 
     return rows
 
 
-def write_report(args, keys, extras, runs, floor, scaling, delta) -> None:
+def write_report(args, keys, extras, runs, floor, scaling, delta, compile_rows=()) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, summary = [], []
@@ -368,7 +459,7 @@ def write_report(args, keys, extras, runs, floor, scaling, delta) -> None:
         label = METHODS[key][4] if key in METHODS else EXTRA[key][1]
         speed = mk["wall"] / dl["wall"] if mk else float("nan")
         rss = dl["rss_gb"] / mk["rss_gb"] if mk else float("nan")
-        fl = dl["merge_s"] / floor["floor_s"]
+        fl = dl["merge_s"] / floor["direct_floor_s"]
         rows.append({"key": key, "merge": label, "dl": dl, "mk": mk, "speedup": speed, "rss_ratio": rss, "floor_ratio": fl})
         if key in keys:
             summary.append(f"{key}={speed:.1f}x rss={rss:.2f} floor={fl:.1f}")
@@ -400,7 +491,13 @@ def write_report(args, keys, extras, runs, floor, scaling, delta) -> None:
         f"{' --scaling' if scaling else ''}{' --delta' if delta else ''}`.", "",
         f"I/O floor in the same run (median): read {floor['read_gb']:.2f} GB of inputs from the page cache {floor['read_s']:.2f} s + "
         f"write {param_count(args.size) * 2 / 1e9:.2f} GB {floor['write_s']:.2f} s + fsync {floor['sync_s']:.2f} s = **{floor['floor_s']:.2f} s** "
-        "(one thread; dare_lab fsyncs its output too, mergekit does not).", "",
+        "(one thread, buffered writes; dare_lab fsyncs its output too, mergekit does not). "
+        f"With the merge writer's own write path (O_DIRECT from aligned buffers, then fsync): write + fsync "
+        f"{floor['direct_write_s']:.2f} s, floor **{floor['direct_floor_s']:.2f} s** — the floor the *merge / I/O floor* "
+        "column divides by.", "",
+        "Start-up: process start → first tensor byte read (`os.pread`), median over the rows below: "
+        f"**{median([r['dl']['first_read_s'] for r in rows if r['dl'].get('first_read_s') is not None]):.2f} s** "
+        f"(interpreter + imports {median([r['dl']['import_s'] for r in rows]):.2f} s of it).", "",
         "| merge | mergekit wall | mergekit CPU | mergekit RSS | dare_lab wall | dare_lab CPU | dare_lab RSS | dare_lab merge only | speedup | RSS ratio | merge / I/O floor |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -434,6 +531,19 @@ def write_report(args, keys, extras, runs, floor, scaling, delta) -> None:
         for r, mk_run, dl_run in paired:
             lines.append(f"| {r['merge']} | {mk_run['rep']} | {mk_run['wall']:.1f} s | {100 * mk_run['steal']:.0f} % | "
                          f"{dl_run['wall']:.2f} s | {100 * dl_run['steal']:.0f} % | {mk_run['wall'] / dl_run['wall']:.1f}× |")
+        lines.append("")
+    if compile_rows:
+        lines += ["## Compile cost (first merge in a fresh process)", "",
+                  "*cold*: empty numba cache (a fresh install), the default background compile: tensors take the torch "
+                  "path (same bits) until the loops are compiled; *cold, wait*: `DARE_LAB_COMPILE=wait` (the first "
+                  "tensor waits for numba, the old behaviour); *warm*: the cache filled by the cold run. "
+                  "*compile cost* = cold − warm merge-only time.", "",
+                  "| merge | cold, wait | cold | warm | compile cost (cold − warm) | background compile time |",
+                  "|---|---|---|---|---|---|"]
+        for c in compile_rows:
+            comp = sum(h["seconds"] for h in c["cold"].get("warmup") or [])
+            lines.append(f"| {c['merge']} | {c['cold_wait']['merge_s']:.2f} s | {c['cold']['merge_s']:.2f} s | "
+                         f"{c['warm']['merge_s']:.2f} s | {c['cold']['merge_s'] - c['warm']['merge_s']:.2f} s | {comp:.1f} s |")
         lines.append("")
     if scaling:
         lines += ["## Scaling (dare_lab; one run each)", "",

@@ -7,7 +7,8 @@ background thread that *rehearses* each kind of tensor the merge will stream (sa
 number of models, same storage and output dtypes; synthetic data), which compiles exactly the
 loop specialisations the merge needs, or loads them from numba's on-disk cache (``cache=True``,
 keyed by numba on the source file, the signature and the CPU). While it runs, tensors take the
-torch path; tensors that start after it finishes take the compiled loops.
+torch path; tensors that start after it finishes take the compiled loops. A process whose merge
+ends first waits for the compile before it exits (once per install and kind of merge).
 
 ``DARE_LAB_COMPILE=wait`` (or :data:`MODE` = ``"wait"``) restores the old behaviour: the
 first tensor compiles what it needs and every tensor takes the compiled loops (the tests of the
@@ -120,7 +121,10 @@ def start(plans: Iterable[TensorPlan], base: TensorSource, models: Mapping[str, 
     if not jobs:
         return None
     streamed.warming_started()
-    thread = threading.Thread(target=_worker, args=(jobs,), name="dare-lab-numba-warmup", daemon=True)
+    # not a daemon: a process whose merge finished first waits for the compile at exit (which also
+    # completes numba's on-disk cache for the next run); a daemon thread still inside LLVM when
+    # the interpreter exits aborts the process
+    thread = threading.Thread(target=_worker, args=(jobs,), name="dare-lab-numba-warmup", daemon=False)
     thread.start()
     return thread
 

@@ -61,6 +61,8 @@ _KERNELS: ModuleType | bool | None = None
 
 _warming = 0                    # background rehearsals running (dare_lab.engine.warmup)
 _warming_lock = threading.Lock()
+defer_while_warming: Callable[[], bool] = lambda: True
+"""Whether other threads take the torch path while a rehearsal compiles (warmup.MODE sets it)."""
 
 
 def warming_started() -> None:
@@ -87,7 +89,7 @@ def compiled_kernels() -> ModuleType | None:
     without a compiled loop or DARE mask stream do not need it); None where it does not import,
     and None outside the rehearsal thread while a background rehearsal compiles."""
     global _KERNELS
-    if _warming and not getattr(_local, "rehearsal", False):
+    if _warming and not getattr(_local, "rehearsal", False) and defer_while_warming():
         return None
     if _KERNELS is None:
         try:

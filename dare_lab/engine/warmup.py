@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 MODE = os.environ.get("DARE_LAB_COMPILE", "background")
 """``background`` (default) or ``wait``."""
 SMALL = 8192
+streamed.defer_while_warming = lambda: MODE != "wait"   # "wait": every tensor takes the compiled loops
 
 _lock = threading.Lock()
 _done: set[tuple] = set()          # rehearsal keys compiled (or loaded) in this process

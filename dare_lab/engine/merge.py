@@ -33,6 +33,7 @@ from dare_lab.engine.scope import Scope
 from dare_lab.engine.sources import CheckpointReader, ChunkReader, StateDictSource, TensorSource
 from dare_lab.engine.validate import validate_output, validate_pool
 from dare_lab.engine.writer import AtomicDir, ShardedSafetensorsWriter
+from dare_lab.engine import warmup
 from dare_lab.ops.method import MergeMethod
 from dare_lab.engine.streamed import CHUNK, NonFiniteChunk, StreamedMerge, workspace
 
@@ -443,6 +444,10 @@ def merge_models(
 
         bar = tqdm(total=len(plans), desc="merge", unit="tensor")
     tick = bar.update if bar is not None else None
+    # numba compiles (or loads) the loops this merge needs in the background; tensors take the
+    # torch path (same bits) until it is done
+    warmup.start(plans, base_src, srcs, method, dtype, lambda p: _target_dtype(p, out_dtype),
+                 lambda p: _streams(p, method))
     try:
         trim = thr = None
         if getattr(method.merger, "trim_scope", "tensor") == "model":

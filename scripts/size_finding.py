@@ -57,14 +57,14 @@ def relative_curves(raw: dict[str, list[dict]], metric: str, methods: tuple[str,
         if not rows:
             raise ValueError(f"{size}: no metric {metric!r} in its runs")
         sft = {(r["model"], r["metric"]): r["value"] for r in rows if r["p"] == 0.0}
-        methods = sorted({r["method"] for r in rows})
+        present = sorted({r["method"] for r in rows})
         rel: dict[tuple, dict] = {}
         for r in rows:
             if (r["model"], r["metric"]) not in sft:
                 raise ValueError(f"{size}: no p=0 (SFT) score for {r['model']} {r['metric']}")
             base = sft[(r["model"], r["metric"])]
             # p = 0 is evaluated once (every method is the identity there): give it to every method
-            for m in (methods if r["p"] == 0.0 else [r["method"]]):
+            for m in (present if r["p"] == 0.0 else [r["method"]]):
                 rel[(r["model"], r["metric"], m, r["p"], r["seed"])] = dict(r, method=m, value=r["value"] / base)
         for s in summarize(list(rel.values())):
             out.append({"size": size, "task": s["model"], "metric": s["metric"], "method": s["method"], "p": s["p"],
@@ -116,6 +116,8 @@ def plot(curves: list[dict], threshold: float, path: Path) -> Path:
             ax = fig.add_subplot(len(tasks), len(methods), i * len(methods) + j + 1)
             for k, size in enumerate(sizes):
                 idx = {r["p"]: r for r in curves if (r["task"], r["method"], r["size"]) == (task, method, size)}
+                if not idx:
+                    continue
                 m = np.array([idx[p]["mean"] if p in idx else np.nan for p in rates])
                 s = np.array([idx[p]["std"] if p in idx else 0.0 for p in rates])
                 color, marker, ls = styles[k % len(styles)]

@@ -30,13 +30,17 @@ def test_relative_scores_and_verdict(tmp_path, capsys):
     big_a = _run(tmp_path, "big_a", [("t", "dare", 0.0, 0, 0.5), ("t", "dare", 0.9, 0, 0.5), ("t", "dare", 0.99, 0, 0.49),
                                      ("t", "magnitude", 0.9, 0, 0.5)])
     big_b = _run(tmp_path, "big_b", [("t", "dare", 0.0, 0, 0.5), ("t", "dare", 0.99, 1, 0.47)])  # more seeds, p=0 again
+    only_dare = _run(tmp_path, "only_dare", [("t", "dare", 0.0, 0, 0.6), ("t", "dare", 0.9, 0, 0.3)])
     out = tmp_path / "out"
-    assert sf.main(["--out", str(out), "--run", f"S={small}", "--run", f"B={big_a}", "--run", f"B={big_b}"]) == 0
+    # a size with fewer methods first: the next sizes keep all of theirs
+    assert sf.main(["--out", str(out), "--run", f"A={only_dare}", "--run", f"S={small}", "--run", f"B={big_a}", "--run", f"B={big_b}"]) == 0
     with open(out / "verdict.csv") as fh:
         v = {(r["size"], r["method"]): r for r in csv.DictReader(fh)}
     assert (v[("S", "DARE")]["last p >= 0.95"], v[("S", "DARE")]["first p < 0.95"]) == ("0.9", "0.99")
     assert v[("S", "DARE")]["relative there"] == "0.5"
     assert v[("S", "MP")]["first p < 0.95"] == "0.9"  # 0.7 / 0.8 = 0.875
+    assert v[("B", "MP")]["first p < 0.95"] == "none (<= 0.9)" and ("A", "MP") not in v
+    assert (v[("A", "DARE")]["last p >= 0.95"], v[("A", "DARE")]["relative there"]) == ("0.0", "0.5")
     assert v[("B", "DARE")]["first p < 0.95"] == "none (<= 0.99)" and v[("B", "DARE")]["n_seeds"] == "2"
     with open(out / "curves.csv") as fh:
         c = {(r["size"], r["method"], r["p"]): r for r in csv.DictReader(fh)}

@@ -11,7 +11,7 @@ Usage:
     python scripts/size_finding.py --out results/paper/size_finding \\
         --run MiniLM-L6=results/fig3_redundancy/size_minilm --run MPNet-base=results/fig3_redundancy/size_mpnet_s0 \\
         [--run MPNet-base=<another run of the same size, e.g. more seeds>] [--metric accuracy] [--threshold 0.95]
-        [--methods dare,drop_only,magnitude]
+        [--methods dare,drop_only,magnitude] [--plot-rates 0,0.9,0.99,0.995,0.999,0.9995]
 """
 
 from __future__ import annotations
@@ -103,7 +103,10 @@ def write_table(rows: list[dict], stem: Path) -> None:
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
-def plot(curves: list[dict], threshold: float, path: Path) -> Path:
+def plot(curves: list[dict], threshold: float, path: Path, rates: list[float] | None = None) -> Path:
+    """``rates``: the x axis (categorical; default every p of any size)."""
+    if rates:
+        curves = [r for r in curves if r["p"] in rates]
     tasks = sorted({r["task"] for r in curves})
     methods = [m for m in METHOD_STYLE if any(r["method"] == m for r in curves)]
     sizes = list(dict.fromkeys(r["size"] for r in curves))
@@ -144,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metric", default="accuracy")
     ap.add_argument("--threshold", type=float, default=0.95)
     ap.add_argument("--methods", default="dare,drop_only,magnitude", help="comma-separated sparsifier kinds")
+    ap.add_argument("--plot-rates", default=None, help="comma-separated p for the plot's x axis (default: all)")
     a = ap.parse_args(argv)
     runs = []
     for spec in a.run:
@@ -160,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     write_table(curves, a.out / "curves")
     v = verdict(curves, a.threshold)
     write_table(v, a.out / "verdict")
-    png = plot(curves, a.threshold, a.out / "size_finding.png")
+    rates = [float(p) for p in a.plot_rates.split(",")] if a.plot_rates else None
+    png = plot(curves, a.threshold, a.out / "size_finding.png", rates)
     print((a.out / "verdict.md").read_text(), end="")
     print(f"wrote {a.out}/curves.csv|md, verdict.csv|md, {png.name}")
     return 0

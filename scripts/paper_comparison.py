@@ -53,13 +53,29 @@ def fmt(mean: float, std: float | None = None, n: int | None = None) -> str:
 # ---- redundancy tables (Fig. 3/4, 8, 9, 11) -------------------------------------------------
 
 def accuracy_rows(paths: list[Path]) -> dict[tuple[str, str, float], tuple[float, float, int]]:
-    """(model, method, p) -> (mean, std, n_seeds) of each model's accuracy metric."""
+    """(model, method, p) -> (mean, std, n_seeds) of each model's accuracy metric.
+
+    A run directory's ``redundancy_raw.csv`` (one row per seed) is preferred to its summary, so
+    runs of the same model with different seeds join into one mean ± population std; a
+    (model, method, p, seed) measured twice (p = 0 in each run) counts once.
+    """
+    raw: dict[tuple[str, str, float], dict[int, float]] = {}
     out = {}
-    for r in read_all(paths):
-        if not r["metric"].endswith("/accuracy"):
+    for path in paths:
+        raw_path = path.with_name("redundancy_raw.csv")
+        if raw_path.exists():
+            for r in read_csv(raw_path):
+                if r["metric"].endswith("/accuracy"):
+                    raw.setdefault((r["model"], r["method"], float(r["p"])), {})[int(r["seed"])] = float(r["value"])
             continue
-        out[(r["model"], r["method"], float(r["p"]))] = (float(r["mean"]), float(r.get("std") or 0.0),
-                                                         int(float(r.get("n_seeds") or 1)))
+        for r in read_csv(path):
+            if r["metric"].endswith("/accuracy"):
+                out[(r["model"], r["method"], float(r["p"]))] = (float(r["mean"]), float(r.get("std") or 0.0),
+                                                                 int(float(r.get("n_seeds") or 1)))
+    for key, by_seed in raw.items():
+        v = list(by_seed.values())
+        mean = sum(v) / len(v)
+        out[key] = (mean, (sum((x - mean) ** 2 for x in v) / len(v)) ** 0.5, len(v))
     return out
 
 

@@ -95,3 +95,17 @@ def test_missing_tree_is_one_line_error(tmp_path):
     r = _run(tmp_path / "nope", tmp_path / "x.md")
     assert r.returncode == 2 and r.stderr.strip() == f"paper_comparison: results tree {tmp_path / 'nope'} does not exist"
     assert not (tmp_path / "x.md").exists()
+
+
+def test_raw_tables_of_separate_seed_runs_join(tmp_path):
+    root, out = tmp_path / "paper", tmp_path / "cmp.md"
+    raw = "model,metric,method,p,seed,target,value"
+    for run, rows in {"s0": ["a,a/accuracy,dare,0.0,0,delta,0.5", "a,a/accuracy,dare,0.9,0,delta,0.4"],
+                      "s12": ["a,a/accuracy,dare,0.0,0,delta,0.5", "a,a/accuracy,dare,0.9,1,delta,0.5",
+                              "a,a/accuracy,dare,0.9,2,delta,0.6", "a,a/macro_f1,dare,0.9,2,delta,0.1"]}.items():
+        t = root / "decoder_fig3_redundancy" / run / "tables"
+        _write(t / "redundancy_raw.csv", raw, rows)
+        _write(t / "redundancy.csv", RED_HEADER, ["a,a/accuracy,dare,0.9,9.0,0.0,1"])  # ignored: raw wins
+    assert _run(root, out).returncode == 0
+    # seeds 0, 1, 2 at p=0.9: mean 0.5, population std sqrt(2/300) = 0.0816
+    assert _row(out.read_text(), "Fig. 3/4: DARE keeps")[4] == "a: SFT 0.500, DARE p=0.9 0.500±0.082"

@@ -207,3 +207,11 @@ def test_validation_rule_picks_the_direct_reference_q_and_merges_with_it(tiny_be
     want = base[name] + 0.5 * sum(darex(tuned[m][name] - base[name], p, tensor_generator(1, m, name),
                                         q=resolved.sparsifier.rescale_q[m]) for m in pool.models)
     assert torch.equal(merged[name], want)
+
+
+def test_redundancy_knobs_refuse_the_rules_on_data():
+    from dare_lab.analysis.redundancy import single_model_method
+
+    with pytest.raises(ValueError, match="resolved by the merge program only"):
+        single_model_method("darex", 0.9, knobs={"rescale_q": "validation"})
+    assert single_model_method("darex", 0.9, knobs={"rescale_q": 0.5}).sparsifier.rescale_q == 0.5

@@ -39,6 +39,9 @@ def single_model_method(kind: str, p: float, seed: int = 0, target: str = "delta
     ``knobs``: the sparsifier's own knobs (della: epsilon, rank_scope; breadcrumbs: gamma; darex:
     rescale_q), used for p > 0; unset ones take their defaults (:class:`Sparsifier`)."""
     extra = dict(knobs or {}) if p > 0 else {}
+    if isinstance(extra.get("rescale_q"), str) and extra["rescale_q"] in ("validation", "analytical"):
+        raise ValueError(f"analysis knobs: darex rescale_q={extra['rescale_q']} (the paper's rule, chosen on data) is "
+                         "resolved by the merge program only (method=darex_qv_*); here give a number, auto or a mapping")
     sp = Sparsifier(kind=kind if p > 0 else "none", drop_rate=float(p), rescale=bool(rescale), target=target, **extra)
     return MergeMethod(name=f"{kind}_p{p:g}", sparsifier=sp, merger=Merger("task_arithmetic", scaling=1.0), seed=int(seed))
 

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 TOL = 0.01  # "keeps the SFT score": within 0.01 accuracy (the redundancy program's rule)
+EPS = 1e-9  # float noise in means of seeds (0.46 - 0.01 vs a mean of 0.45)
 POOLS = {"encoder": "", "decoder": "decoder_"}  # pool -> directory prefix under the root
 
 
@@ -103,7 +104,7 @@ def redundancy_finding(acc, p_keep: float) -> tuple[str, str]:
             parts.append(f"{m}: p={p_keep:g} not measured")
             continue
         parts.append(f"{m}: SFT {sft:.3f}, DARE p={p_keep:g} {fmt(*v)}")
-        ok.append(v[0] >= sft - TOL)
+        ok.append(v[0] >= sft - TOL - EPS)
     if not ok:
         return "; ".join(parts) or "not measured", "not measured"
     return "; ".join(parts), "holds" if all(ok) else ("does not hold" if not any(ok) else "holds for some models")
@@ -125,7 +126,7 @@ def versus_finding(acc, other: str, ps=(0.5, 0.9, 0.99)) -> tuple[str, str]:
             parts.append(f"{m}: not measured")
             continue
         parts.append(f"{m}: " + ", ".join(cells))
-        ok.append(top[0] > top[1] + TOL)
+        ok.append(top[0] > top[1] + TOL + EPS)
     if not ok:
         return "; ".join(parts) or "not measured", "not measured"
     return "; ".join(parts), "holds" if all(ok) else ("does not hold" if not any(ok) else "holds for some models")
@@ -186,22 +187,24 @@ def merge_finding(rows) -> tuple[str, str]:
 
     by = {r["method"]: mean_acc(r) for r in rows}
     pairs = [("task_arithmetic", "dare_task_arithmetic"), ("ties", "dare_ties")]
-    parts, ok = [], []
+    parts, change = [], {}
     for plain, dare in pairs:
         if by.get(plain) is None or by.get(dare) is None:
             continue
         parts.append(f"{plain} {by[plain]:.3f} → +DARE {by[dare]:.3f}")
-        ok.append(by[dare] > by[plain])
-    if not ok:
+        d = by[dare] - by[plain]
+        change[plain] = "improves" if d > TOL + EPS else ("worsens" if d < -TOL - EPS else f"leaves unchanged (within {TOL})")
+    if not change:
         return "not measured", "not measured"
     text = "mean accuracy over tasks: " + "; ".join(parts)
     if by.get("sft") is not None:
         text += f" (each task's own SFT model: {by['sft']:.3f})"
-    if all(ok):
-        return text, "holds (DARE improves both)"
-    if any(ok):
-        return text, "partly (DARE improves one of the two)"
-    return text, "does not hold"
+    said = ", ".join(f"{v} {k}" for k, v in change.items())
+    if all(v == "improves" for v in change.values()):
+        return text, f"holds (DARE {said})"
+    if any(v == "improves" for v in change.values()):
+        return text, f"partly (DARE {said})"
+    return text, f"does not hold (DARE {said})"
 
 
 # ---- Table 6 / §4.6 ------------------------------------------------------------------------
@@ -292,7 +295,9 @@ def render(root: Path) -> str:
         "(encoder: `<item>/`, the MiniLM demo pool — all-MiniLM-L6-v2 fine-tuned on tweet sentiment and BBC topic; "
         "decoder: `decoder_<item>/`, the SmolLM2-135M-Instruct demo pool fine-tuned on the same tasks as label words, "
         "scored by label likelihood). Accuracy on held-out rows; mean±std over DARE's mask seeds where several were run. "
-        f"\"Keeps the SFT score\" = within {TOL} accuracy. The paper's models (7B-13B LLMs, BERT/RoBERTa on GLUE) are "
+        f"\"Keeps the SFT score\" = within {TOL} accuracy; merges differing by at most {TOL} count as unchanged. "
+        "The decoder pool is scored on 100 (tweets) / 60 (bbc) held-out rows, so one row is 0.010 / 0.017 of "
+        "accuracy: its differences of a row or two are noise. The paper's models (7B-13B LLMs, BERT/RoBERTa on GLUE) are "
         "far larger than these demo pools, so numeric agreement is not expected; the verdicts test the direction "
         "of each claim.",
         "",

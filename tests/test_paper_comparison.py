@@ -73,7 +73,7 @@ def test_rows_and_verdicts(tmp_path):
     assert t1[3] == "not measured"
     assert t1[4] == ("mean accuracy over tasks: task_arithmetic 0.600 → +DARE 0.650; ties 0.600 → +DARE 0.550 "
                      "(each task's own SFT model: 0.850)")
-    assert t1[5] == "partly (DARE improves one of the two)"
+    assert t1[5] == "partly (DARE improves task_arithmetic, worsens ties)"
     t6 = _row(md, "Table 6")
     assert t6[2] == "a: 98% within ±0.0015, max \\|δ\\| 0.0040" and t6[3].startswith("holds")
     assert "size_finding" not in md  # no size row without its directory

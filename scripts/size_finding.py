@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import math
 import sys
 from pathlib import Path
@@ -142,7 +143,8 @@ def plot(curves: list[dict], threshold: float, path: Path, rates: list[float] | 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", action="append", required=True, metavar="SIZE=RUN_DIR",
-                    help="a fig3_redundancy run dir for a model size (repeatable; same size joins its runs)")
+                    help="a fig3_redundancy run dir for a model size (repeatable; same size joins its runs; "
+                         "a quoted glob joins every match)")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--metric", default="accuracy")
     ap.add_argument("--threshold", type=float, default=0.95)
@@ -154,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         size, sep, run = spec.partition("=")
         if not sep or not size or not run:
             ap.error(f"--run {spec!r}: expected SIZE=RUN_DIR")
-        runs.append((size, Path(run)))
+        found = sorted(glob.glob(run)) if any(c in run for c in "*?[") else [run]
+        if not found:
+            ap.error(f"--run {spec!r}: no directory matches")
+        runs += [(size, Path(r)) for r in found]
     try:
         curves = relative_curves(read_runs(runs), a.metric, tuple(a.methods.split(",")))
     except (FileNotFoundError, ValueError) as e:

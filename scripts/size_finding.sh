@@ -23,4 +23,4 @@ for base in minilm mpnet; do
     run_name="size_$base" output.progress=false "$@"
 done
 "$PY" scripts/size_finding.py --out "$OUT" --run MiniLM-L6=results/fig3_redundancy/size_minilm \
-  --run MPNet-base=results/fig3_redundancy/size_mpnet
+  --run MPNet-base=results/fig3_redundancy/size_mpnet --plot-rates 0,0.9,0.99,0.995,0.999,0.9995

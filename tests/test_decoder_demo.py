@@ -12,12 +12,7 @@ RECORDS = [{"instruction": f"What is {a} plus {b}?", "target": f"{a} + {b} = {a 
            for a in range(1, 5) for b in range(1, 3)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_finetune_lowers_loss_and_keeps_architecture(tmp_path):

@@ -7,16 +7,11 @@ import pytest
 import torch
 
 from dare_lab.engine.pool import ModelPool
-from dare_lab.taskpool.label_likelihood import (LabelLikelihoodTaskPool, LabelTask, format_prompt, label_logprobs,
-                                                macro_f1)
+from dare_lab.taskpool.label_likelihood import LabelLikelihoodTaskPool, LabelTask, format_prompt, label_logprobs
+from dare_lab.taskpool.metrics import macro_f1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class CharTok:
@@ -77,7 +72,7 @@ def test_taskpool_on_stub_accuracy_and_f1(monkeypatch):
     # predictions b, d, c; gold b, d, b -> 2/3 correct
     assert res["accuracy"] == pytest.approx(2 / 3)
     assert res["macro_f1"] == pytest.approx((2 / 3 + 0.0 + 1.0) / 3)
-    assert macro_f1([0, 1], [0, 1], 4) == 1.0  # absent classes are not counted
+    assert macro_f1([0, 1], [0, 1]) == 1.0  # classes absent from both are not counted (sklearn's macro)
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ import torch
 
 from dare_lab.engine.pool import ModelPool
 from dare_lab.taskpool.base import plain_config
+from dare_lab.taskpool.metrics import macro_f1
 
 PROMPTS = {
     "sentiment": "Classify the sentiment of the tweet as {labels}.\nTweet: {text}\nSentiment:",
@@ -203,18 +204,6 @@ def _logits_at(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, ro
     return model(input_ids=ids, attention_mask=mask).logits[rows, pos]
 
 
-def macro_f1(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> float:
-    f1s = []
-    for c in range(n_classes):
-        tp = sum(1 for a, b in zip(y_true, y_pred) if a == c and b == c)
-        fp = sum(1 for a, b in zip(y_true, y_pred) if a != c and b == c)
-        fn = sum(1 for a, b in zip(y_true, y_pred) if a == c and b != c)
-        if tp + fp + fn == 0:
-            continue  # class absent from truth and predictions
-        f1s.append(2 * tp / (2 * tp + fp + fn))
-    return float(sum(f1s) / len(f1s)) if f1s else 0.0
-
-
 class LabelLikelihoodTaskPool:
     """Causal-LM short-answer tasks scored by label likelihood (see the module docstring).
 
@@ -325,7 +314,7 @@ class LabelLikelihoodTaskPool:
         gold = [task.labels.index(r["label"]) for r in rows]
         acc = sum(int(a == b) for a, b in zip(pred, gold)) / len(gold)
         nll = -float(lp[torch.arange(len(gold)), torch.tensor(gold)].mean())
-        return {"accuracy": acc, "macro_f1": macro_f1(gold, pred, len(task.labels)), "gold_nll": nll}
+        return {"accuracy": acc, "macro_f1": macro_f1(pred, gold), "gold_nll": nll}
 
     def _score_all(self, model, tok, tasks) -> dict[str, float]:
         out = {}

@@ -87,7 +87,8 @@ def main() -> None:
                     f"analysis.drop_rates=[{rates}]", "analysis.seeds=[0]", f"hydra.run.dir={work}/redundancy",
                     "tracker=none"]
             r = run(args, work, "redundancy")
-            n_points = len(METHODS) * len(a.drop_rates) * 2 + 2   # + the SFT point of each model
+            # + the SFT point of each model where p = 0 is swept
+            n_points = len(METHODS) * len(a.drop_rates) * 2 + (2 if 0.0 in a.drop_rates else 0)
             rows.append({"sweep": "redundancy (1 process)", "points": n_points, **r})
         if a.only in (None, "multirun"):
             methods = ",".join(PRESETS[m] for m in METHODS)

@@ -179,3 +179,9 @@ def test_shard_plan_is_huggingface_hubs(tmp_path):
     w.close()
     with pytest.raises(ValueError, match="Unit 'XB' not supported"):
         ShardedSafetensorsWriter(tmp_path / "x", [("a", (4,), torch.float32)], "6XB")
+
+
+def test_existing_output_message_names_the_cli_key(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FileExistsError, match=r"output\.overwrite=true"):
+        W.AtomicDir(tmp_path / "out")

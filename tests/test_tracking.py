@@ -142,3 +142,15 @@ def test_program_with_wandb_offline_and_with_null_tracker(tmp_path, no_network, 
     runs = list((tmp_path / "results" / "table6_delta_ranges" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("files/media/table/table6_deltas_*.table.json"))
     assert list(runs[0].glob("files/media/images/delta_abs_hist_*.png"))
+
+
+def test_result_files_get_the_umask_mode_not_owner_only(tmp_path):
+    """mkstemp alone makes 0600 files; results must read like a plain open() would write them."""
+    import os
+
+    from dare_lab.tracking.files import atomic_write
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    p = atomic_write(tmp_path / "metrics.json", "{}")
+    assert (p.stat().st_mode & 0o777) == 0o666 & ~umask

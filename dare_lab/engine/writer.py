@@ -413,7 +413,7 @@ class AtomicDir:
         self.guard = {"marker": marker, "inputs": inputs, "own_file": own_file}
         self.overwrite = overwrite
         if os.path.lexists(self.target) and not overwrite:
-            raise FileExistsError(f"output directory already exists: {self.target} (pass overwrite=True to replace it)")
+            raise FileExistsError(f"output directory already exists: {self.target} (output.overwrite=true replaces a previous dare_lab output; Python: overwrite=True)")
         if os.path.lexists(self.target):
             check_replaceable(self.target, **self.guard)
         self.target.parent.mkdir(parents=True, exist_ok=True)
@@ -431,7 +431,7 @@ class AtomicDir:
                     os.fsync(fh.fileno())
         if os.path.lexists(self.target):
             if not self.overwrite:   # appeared while this run worked (another process)
-                raise FileExistsError(f"output directory already exists: {self.target} (pass overwrite=True to replace it)")
+                raise FileExistsError(f"output directory already exists: {self.target} (output.overwrite=true replaces a previous dare_lab output; Python: overwrite=True)")
             check_replaceable(self.target, **self.guard)   # still a previous output (another process)?
             if exchange(self.tmp, self.target):     # one atomic step: the target is never missing
                 shutil.rmtree(self.tmp, ignore_errors=True)   # now holds the previous output

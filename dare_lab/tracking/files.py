@@ -20,6 +20,11 @@ from typing import Any
 
 from dare_lab.tracking.base import plain
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+"""The process umask at import: result files get the mode a plain ``open`` would give them
+(``mkstemp`` alone makes them owner-only, unreadable to collaborators on a shared machine)."""
+
 _SAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
 
 
@@ -38,6 +43,7 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data.encode() if isinstance(data, str) else data)
             fh.flush()

@@ -10,7 +10,7 @@ Writes ``results/bench/merge.md`` and ``merge.csv``; the last printed line is
     merge-bench: ta=<speedup>x rss=<ratio> floor=<ratio> ties=... dare_ta=... dare_ties=...
 
     python scripts/bench_merge.py --size tiny --reps 1               # quick, while iterating
-    python scripts/bench_merge.py --size 1b --reps 3 --scaling --delta  # the reported run
+    python scripts/bench_merge.py --size 1b --models 3 --reps 3 --mk-reps 1 --compile --scaling --delta  # the reported run
 
 mergekit is a benchmark-only dependency in its own venv (never a dare_lab dependency)::
 
@@ -488,7 +488,8 @@ def write_report(args, keys, extras, runs, floor, scaling, delta, compile_rows=(
         f"Each merge is a fresh subprocess started after its inputs were read once into the page cache and a `sync` (wall includes interpreter start and imports; CPU = user + sys; peak RSS from `wait4`, the benchmark process itself kept small); "
         f"tools alternate; median of {args.reps} repetitions (mergekit: {args.reps if args.mk_reps is None else min(args.reps, args.mk_reps)}). Command: `python scripts/bench_merge.py --size {args.size} --models {args.models} --reps {args.reps}"
         f"{'' if args.mk_reps is None else f' --mk-reps {args.mk_reps}'}"
-        f"{' --scaling' if scaling else ''}{' --delta' if delta else ''}`.", "",
+        f"{' --compile' if compile_rows else ''}{' --scaling' if scaling else ''}{' --delta' if delta else ''}`"
+        f" (mergekit: `MERGEKIT_YAML=<venv>/bin/mergekit-yaml`, installed as the script's docstring says).", "",
         f"I/O floor in the same run (median): read {floor['read_gb']:.2f} GB of inputs from the page cache {floor['read_s']:.2f} s + "
         f"write {param_count(args.size) * 2 / 1e9:.2f} GB {floor['write_s']:.2f} s + fsync {floor['sync_s']:.2f} s = **{floor['floor_s']:.2f} s** "
         "(one thread, buffered writes; dare_lab fsyncs its output too, mergekit does not). "

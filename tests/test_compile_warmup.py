@@ -18,6 +18,12 @@ from dare_lab.ops.presets import build_method
 pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="numba not installed")
 
 
+@pytest.fixture(autouse=True)
+def _own_warm_markers(tmp_path, monkeypatch):
+    """Each test starts with no warm markers (earlier merges of the suite leave some)."""
+    monkeypatch.setenv("DARE_LAB_WARM_DIR", str(tmp_path / "warm"))
+
+
 def _pool(k=3, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     base = {"w": torch.randn(64, 96, generator=g).to(dtype), "b": torch.randn(96, generator=g).to(dtype)}
@@ -99,3 +105,32 @@ def test_rehearsal_compiles_what_the_merge_uses(k, dtype, name, kw):
     assert out["history"], "no rehearsal ran"
     assert sum(out["before"]) > 0
     assert out["after"] == out["before"], "the merge compiled a specialisation the rehearsal missed"
+
+
+def test_a_rehearsed_kind_takes_the_compiled_loops_from_the_first_tensor_next_time(tmp_path, monkeypatch):
+    """Once rehearsed (numba's cache filled), a later merge of that kind in a new process skips the
+    background path: no rehearsal, compiled loops from the first tensor, same bits."""
+    monkeypatch.setattr(warmup, "MODE", "background")
+    monkeypatch.setattr(warmup, "_done", set())
+    base, models = _pool()
+    m = build_method(name="ties", retain_ratio=0.5)
+    first = merge_state_dicts(base, models, m)
+    for t in threading.enumerate():
+        if t.name == "dare-lab-numba-warmup":
+            t.join(60)
+    assert list((tmp_path / "warm").glob("dare_lab_warm-*")), "no warm marker written"
+    monkeypatch.setattr(warmup, "_done", set())          # as in a fresh process
+    rehearsed = []
+    monkeypatch.setattr(warmup, "_rehearse", lambda *a: rehearsed.append(a))
+    compiled = _count(monkeypatch, "_ties_fused")
+    again = merge_state_dicts(base, models, m)
+    assert rehearsed == [] and compiled, "a warm kind went through the background path again"
+    for name in first:
+        assert torch.equal(first[name], again[name]), name
+    monkeypatch.setattr(warmup, "_cpu_name", lambda: "another CPU")   # the marker is keyed on the CPU
+    monkeypatch.setattr(warmup, "_done", set())
+    merge_state_dicts(base, models, m)
+    for t in threading.enumerate():
+        if t.name == "dare-lab-numba-warmup":
+            t.join(60)
+    assert rehearsed, "a marker of another CPU was taken as warm"

@@ -10,6 +10,12 @@ keyed by numba on the source file, the signature and the CPU). While it runs, te
 torch path; tensors that start after it finishes take the compiled loops. A process whose merge
 ends first waits for the compile before it exits (once per install and kind of merge).
 
+Once a kind has been rehearsed, a small marker beside numba's cache (keyed by the numba version,
+the kernels' source files, the CPU, the method and the kind) says its loops load from disk in
+about a second: later merges of that kind skip the background path and take the compiled loops
+from the first tensor (the torch path of a large first tensor, e.g. an LLM's embedding, is slower
+and holds whole-tensor temporaries). A stale or missing marker only costs speed, never bits.
+
 ``DARE_LAB_COMPILE=wait`` (or :data:`MODE` = ``"wait"``) restores the old behaviour: the
 first tensor compiles what it needs and every tensor takes the compiled loops (the tests of the
 compiled path use it).
@@ -17,12 +23,15 @@ compiled path use it).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
+import platform
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import torch
 
@@ -54,6 +63,54 @@ def _kind(plan: TensorPlan, base: TensorSource, models: Mapping[str, TensorSourc
 
 def _method_key(method: MergeMethod) -> tuple:
     return repr(method.sparsifier), repr(method.merger)
+
+
+def marker_dir() -> Path:
+    """Where the warm markers live: numba's cache directory of the kernels (``NUMBA_CACHE_DIR``
+    or the kernels' ``__pycache__``), so that removing numba's cache removes them too;
+    ``DARE_LAB_WARM_DIR`` overrides it (tests)."""
+    env = os.environ.get("DARE_LAB_WARM_DIR") or os.environ.get("NUMBA_CACHE_DIR")
+    return Path(env) if env else Path(streamed.__file__).resolve().parent / "__pycache__"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _marker(key: tuple) -> Path:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        numba_version = version("numba")
+    except PackageNotFoundError:
+        numba_version = "none"
+    here = Path(streamed.__file__).resolve().parent
+    files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in (here / "kernels.py", here / "streamed.py")]
+    digest = hashlib.sha256(repr((numba_version, files, _cpu_name(), key)).encode()).hexdigest()[:24]
+    return marker_dir() / f"dare_lab_warm-{digest}"
+
+
+def _is_warm(key: tuple) -> bool:
+    try:
+        return _marker(key).exists()
+    except OSError:
+        return False
+
+
+def _mark_warm(key: tuple) -> None:
+    try:
+        m = _marker(key)
+        m.parent.mkdir(parents=True, exist_ok=True)
+        m.touch()
+    except OSError:  # a read-only install: the background path stays the default
+        pass
 
 
 def _rehearse(method: MergeMethod, kind: tuple, dtype: torch.dtype) -> None:
@@ -90,6 +147,7 @@ def _worker(jobs: list[tuple[tuple, MergeMethod, tuple, torch.dtype]]) -> None:
             t0 = time.perf_counter()
             try:
                 _rehearse(method, kind, dtype)
+                _mark_warm(key)
             except Exception as exc:  # noqa: BLE001 - a failed rehearsal only costs speed
                 log.debug("numba warm-up of %s failed: %s", kind, exc)
             with _lock:
@@ -119,8 +177,8 @@ def start(plans: Iterable[TensorPlan], base: TensorSource, models: Mapping[str, 
             continue
         seen.add(key)
         jobs.append((key, method, kind, dtype))
-    if not jobs:
-        return None
+    if not jobs or all(_is_warm(key) for key, *_ in jobs):
+        return None   # nothing to compile, or numba's cache has it: the compiled loops from the start
     streamed.warming_started()
     # not a daemon: a process whose merge finished first waits for the compile at exit (which also
     # completes numba's on-disk cache for the next run); a daemon thread still inside LLVM when

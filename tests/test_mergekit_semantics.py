@@ -346,7 +346,7 @@ def test_cli_takes_rescale_l1_and_refuses_other_words(tmp_path):
                     f"output.model_dir={tmp_path / 'bad_out'}")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1] == \
-        "dare-lab: error: method.rescale=l2: expected true, false or l1 (default False)"
+        "dare-lab: error: method.rescale=l2: expected true, false or l1 (default false)"
 
 
 def test_layer_overrides_match_the_layer_index_only():

@@ -308,7 +308,7 @@ OVERRIDE_CASES = [
     (["methd=ties"], "unknown config key 'methd'; did you mean 'method'? valid keys at the top level: "),
     (["engine.threads=two"], "engine.threads=two: expected an integer (default 2)"),
     (["-m", "method.drop_rate=0.1,high"], "method.drop_rate=high: expected a number (default 0.9)"),
-    (["output.overwrite=yes"], "output.overwrite=yes: expected true or false (default False)"),
+    (["output.overwrite=yes"], "output.overwrite=yes: expected true or false (default false)"),
     (["method.seed=1.5"], "method.seed=1.5: expected an integer (default 0)"),
     (["engine=fast"], "engine=fast: expected a config group/mapping (default {dtype, out_dtype, threads, max_shard_size, vocab_policy, scope})"),
     (["+method.drop_rat=0.5"], "unknown parameter 'drop_rat' of method (dare_lab.ops.presets.build_method); did you mean 'drop_rate'? valid: "

@@ -144,6 +144,8 @@ def _show(value: Any) -> str:
         value = OmegaConf.to_container(value, resolve=False)
     if isinstance(value, dict):
         return "{" + ", ".join(map(str, value)) + "}"
+    if value is None or isinstance(value, bool):   # as a Hydra override spells them
+        return {None: "null", True: "true", False: "false"}[value]
     text = str(value).replace("\n", " ")
     return text if len(text) <= 80 else text[:77] + "..."
 

@@ -23,8 +23,8 @@
 #       engine.vocab_policy=truncate taskpool=gsm8k   # WizardLM/WizardMath/code-alpaca on Llama-2-13b; or alpacaeval, humaneval, mbpp
 #     HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0 scripts/reproduce.sh fig3_redundancy modelpool=custom modelpool.base=bert-base-uncased \
 #       '+modelpool.models={sst2: <your bert-base-uncased fine-tuned on SST-2>, ...}' taskpool=glue
-# Results: results/<item>/<run>/ (tables/*.csv|md, plots/*.png, metrics.json, config) and
-# results/<item>/summary.csv|md; name the run with run_name=<name>. table1_merge: one Hydra job per method
+# Results: one directory per run, results/<item>/<run_name or time>/ (tables/*.csv|md, plots/*.png,
+# metrics.json, config.yaml); name the run with run_name=<name>. table1_merge: one Hydra job per method
 # under results/sweeps/table1_merge/<time>/ (joined in summary.csv|md there), then the table and a bar chart
 # in results/table1_merge/<time>/.
 set -euo pipefail

@@ -120,5 +120,5 @@ def test_cli_bad_input_one_line_exit_2_no_run_dir(tiny_bert_pool, tmp_path, over
                 f"+modelpool.models={{a: {tiny_bert_pool.models['ft0']}}}", override)
     assert r.returncode == 2
     assert r.stderr.strip() == message
-    runs = tmp_path / "results" / "runs" / "default"
+    runs = tmp_path / "results" / "default"
     assert not runs.exists() or not any(runs.iterdir())

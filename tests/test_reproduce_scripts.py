@@ -116,3 +116,16 @@ def test_table1_merge_script(tmp_path, cache_dir):
     assert all(0.0 <= float(r["ft0/agreement"]) <= 1.0 for r in rows)
     _png(run / "plots" / "table1_merge.png")
     assert "66.3" in out
+
+
+def test_one_results_tree_per_run_printed_once(tmp_path, cache_dir):
+    """An analysis run's record (config, metrics) and its tables and plots share one directory,
+    results/<item>/<run_name>/, which is printed once; the experiment summary joins its runs."""
+    out, res = _run("table6_delta_ranges", tmp_path, cache_dir)
+    run = res / "table6_delta_ranges" / "t"
+    assert {"config.yaml", "metrics.json", "run.json", "tables", "plots"} <= {p.name for p in run.iterdir()}
+    assert [p.name for p in res.iterdir()] == ["table6_delta_ranges"]  # no second tree
+    lines = [line for line in out.splitlines() if "results" in line.split(str(run))[0] and str(run) in line]
+    assert lines == [f"dare-lab: results in {run} (config.yaml, metrics.json, tables/, plots/)"], lines
+    rows = _csv(res / "table6_delta_ranges" / "summary.csv")
+    assert [r["run"] for r in rows] == ["t"] and float(rows[0]["ft0/n_total"]) > 0

@@ -50,10 +50,12 @@ class TrackedRun:
     """The active tracker (started by the CLI) or one of our own from ``cfg.tracker``.
 
     Local results are always written: when the configured tracker writes nothing locally
-    (``tracker=none``), a :class:`LocalTracker` under ``results/<experiment>/`` is used.
+    (``tracker=none``), a :class:`LocalTracker` writes them into ``run_dir`` (the ``dare-lab``
+    run's directory: one tree with its config and metrics), or, called without one (the Python
+    API), under ``results/<experiment>/<run>/``.
     """
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, run_dir: Path | None = None):
         self.tracker = tracking.current()
         self.owned = self.tracker is None
         run_name = cfg.get("run_name") if hasattr(cfg, "get") else None
@@ -62,8 +64,9 @@ class TrackedRun:
         self.tracker._ensure()
         own_local = self.tracker if isinstance(self.tracker, tracking.LocalTracker) else getattr(self.tracker, "local", None)
         self.mirror = not (isinstance(own_local, tracking.LocalTracker) and own_local.run_dir is not None)
+        self.in_run_dir = run_dir is not None
         if self.mirror:  # e.g. a NullTracker or W&B without local mirror: still keep local results
-            self.local = tracking.LocalTracker()
+            self.local = tracking.LocalTracker(run_dir=run_dir)
             self.local.start(tracking.experiment_name(cfg), run_name, OmegaConf.to_container(cfg, resolve=True))
         else:
             self.local = own_local
@@ -89,13 +92,15 @@ class TrackedRun:
     def close(self, cfg: DictConfig, metrics: dict[str, Any], ours: Mapping[str, Any], shown: str = "") -> dict[str, Any]:
         """The end every analysis program shares: the paper's numbers beside ``ours`` (printed and
         logged as ``paper_reference``), where the outputs went, the trackers finished; returns
-        ``metrics`` with ``results_dir``."""
+        ``metrics`` (with ``results_dir`` when not in a dare-lab run directory)."""
         refs = print_references(cfg, ours)
         if refs:
             self.table("paper_reference", refs)
-        print(f"\n{shown}results: {self.dir}")
+        # under dare-lab the run directory is printed once, by the CLI, after the metrics
+        print(f"\n{shown}" + ("" if self.in_run_dir else f"results: {self.dir}"))
         self.finish(metrics)
-        metrics["results_dir"] = str(self.dir)
+        if not self.in_run_dir:   # the Python API's caller learns where the results went
+            metrics["results_dir"] = str(self.dir)
         return metrics
 
     def finish(self, metrics: Mapping[str, Any]) -> None:

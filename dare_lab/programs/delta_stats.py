@@ -26,7 +26,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     pool = build_pool(cfg)
     names = list(a("models") or pool.models)
     safe = tuple(float(x) for x in a("safe_range", [0.002, 0.005]))
-    tr = TrackedRun(cfg)
+    tr = TrackedRun(cfg, run_dir)
     deciles, overview, verdicts, metrics, hists = [], [], [], {}, {}
     for name in names:
         st = D.delta_statistics(pool.base, pool.models[name], name, fraction=float(a("fraction", 0.1)),

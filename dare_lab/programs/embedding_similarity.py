@@ -44,7 +44,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     pool = build_pool(cfg)
     taskpool = build_taskpool(cfg)
     names = list(a("models") or pool.models)
-    tr = TrackedRun(cfg)
+    tr = TrackedRun(cfg, run_dir)
     all_rows, last_rows, metrics, ours = [], [], {}, {}
     for name in names:
         texts = a("texts") or S.task_texts(taskpool, name, int(a("n_texts", 256)))

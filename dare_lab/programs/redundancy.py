@@ -42,7 +42,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None, target: str | None = None)
     drop_rates = [float(p) for p in a("drop_rates", list(R.DROP_RATES))]
     seeds = [int(s) for s in a("seeds", [0, 1, 2])]
     pool, taskpool = build_pool(cfg), build_taskpool(cfg)
-    tr = TrackedRun(cfg)
+    tr = TrackedRun(cfg, run_dir)
     rows = R.redundancy_curves(pool, taskpool, methods, drop_rates, seeds, target=target, scope=build_scope(cfg),
                                models=a("models"), rescale_mp=bool(a("rescale_mp", False)),
                                work_dir=a("work_dir") or (Path(run_dir) / "work" if run_dir else None),

@@ -43,6 +43,41 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")  # dare_lab/co
 USER_ERRORS = (ValueError, OSError, TypeError, KeyError)
 
 
+def run_leaf(run_name: Any = None) -> str:
+    """The last part of a single run's directory (``hydra.run.dir``): ``run_name`` when given, so a
+    named run's record, tables and plots share ``results/<experiment>/<run_name>/``; otherwise the
+    start time with microseconds (two runs started in one second get two directories)."""
+    from datetime import datetime
+
+    from dare_lab.tracking.files import safe_name
+
+    if run_name is not None and str(run_name) != "":
+        return safe_name(str(run_name))
+    return datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
+
+
+# cached per config, like Hydra's own ``now``: every read of hydra.run.dir gives the same directory
+OmegaConf.register_new_resolver("dare_lab.run_leaf", run_leaf, use_cache=True, replace=True)
+
+
+def experiment_summary(cfg: DictConfig, hc: Any, run_dir: Path) -> None:
+    """A single run in the default layout (``results/<experiment>/<run>/``) rewrites the
+    experiment's ``summary.csv|md`` (every run of it, the config keys that differ, all metrics);
+    a run directory elsewhere (``hydra.run.dir=...``) writes nothing outside itself."""
+    from dare_lab.tracking.files import safe_name
+    from dare_lab.tracking.summaries import write_summary
+
+    root = Path(os.environ.get("DARE_LAB_RESULTS") or "results")
+    if not root.is_absolute():
+        root = Path(hc.runtime.cwd) / root
+    exp = root / safe_name(str(cfg.get("experiment_name", "default")))
+    try:
+        if run_dir.resolve().parent == exp.resolve():
+            write_summary(exp)
+    except OSError as exc:  # the run itself is complete: a summary it cannot write is a warning
+        print(f"dare-lab: warning: experiment summary not written: {os_error_line(exc)}", file=sys.stderr)
+
+
 def load_program(ref: str) -> Callable[[DictConfig, Path], dict[str, Any]]:
     """'package.module:function' → the function."""
     module, _, func = str(ref).partition(":")
@@ -355,6 +390,8 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
             raise
         if enabled:  # the last step: from now on a relaunch skips this run
             record_complete(registry, rid, config_yaml, metrics, run_dir)
+        if not _is_multirun(hc):
+            experiment_summary(cfg, hc, run_dir)
     except Exception as exc:  # noqa: BLE001 - reported as one line below
         err = user_error(exc)
         if err is None:
@@ -364,7 +401,8 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
             err.dare_lab_kept = exc.dare_lab_kept  # type: ignore[attr-defined]
         fail(err, run_dir, hc)
     _print_metrics(metrics)
-    print(f"dare-lab: results in {run_dir} (config.yaml, metrics.json)")
+    extra = "".join(f", {d}/" for d in ("tables", "plots") if (run_dir / d).is_dir())
+    print(f"dare-lab: results in {run_dir} (config.yaml, metrics.json{extra})")
     return metrics
 
 

@@ -32,8 +32,20 @@ def _read_json(path: Path) -> Any:
         return None  # not ours or damaged by hand: dare-lab writes these atomically
 
 
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        return None
+    try:
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception:  # noqa: BLE001 - damaged by hand: the run joins without config columns
+        return None
+
+
 def write_summary(experiment_dir: str | Path) -> Path | None:
-    """Join ``<experiment_dir>/*/metrics.json`` into ``summary.csv`` and ``summary.md``.
+    """Join ``<experiment_dir>/*/metrics.json`` into ``summary.csv`` and ``summary.md``
+    (each run's config from its ``config.json``, else its ``config.yaml``).
 
     Columns: ``run``, the flattened config keys whose values differ between runs (the swept
     knobs), then every metric (union over runs; in the Markdown, one row per metric when there
@@ -47,6 +59,8 @@ def write_summary(experiment_dir: str | Path) -> Path | None:
             if not isinstance(metrics, dict):
                 continue
             cfg = _read_json(mfile.parent / "config.json")
+            if cfg is None:   # a dare-lab run directory: its config.yaml (resolved, redacted)
+                cfg = _read_yaml(mfile.parent / "config.yaml")
             runs.append((mfile.parent.name, flatten(cfg) if isinstance(cfg, dict) else {}, metrics))
         if not runs:
             return None

@@ -23,6 +23,7 @@ compiled path use it).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -73,6 +74,7 @@ def marker_dir() -> Path:
     return Path(env) if env else Path(streamed.__file__).resolve().parent / "__pycache__"
 
 
+@functools.lru_cache(maxsize=1)
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -84,7 +86,9 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _marker(key: tuple) -> Path:
+@functools.lru_cache(maxsize=1)
+def _code_identity() -> tuple:
+    """The numba version and the kernels' source files (size, mtime): once per process."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -92,8 +96,12 @@ def _marker(key: tuple) -> Path:
     except PackageNotFoundError:
         numba_version = "none"
     here = Path(streamed.__file__).resolve().parent
-    files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in (here / "kernels.py", here / "streamed.py")]
-    digest = hashlib.sha256(repr((numba_version, files, _cpu_name(), key)).encode()).hexdigest()[:24]
+    return numba_version, tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                                for f in (here / "kernels.py", here / "streamed.py"))
+
+
+def _marker(key: tuple) -> Path:
+    digest = hashlib.sha256(repr((_code_identity(), _cpu_name(), key)).encode()).hexdigest()[:24]
     return marker_dir() / f"dare_lab_warm-{digest}"
 
 

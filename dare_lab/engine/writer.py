@@ -413,12 +413,16 @@ class AtomicDir:
         self.guard = {"marker": marker, "inputs": inputs, "own_file": own_file}
         self.overwrite = overwrite
         if os.path.lexists(self.target) and not overwrite:
-            raise FileExistsError(f"output directory already exists: {self.target} (output.overwrite=true replaces a previous dare_lab output; Python: overwrite=True)")
+            raise self._exists()
         if os.path.lexists(self.target):
             check_replaceable(self.target, **self.guard)
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.target.parent / f".{self.target.name}.tmp-{uuid.uuid4().hex[:8]}"
         self.committed = False
+
+    def _exists(self) -> FileExistsError:
+        return FileExistsError(f"output directory already exists: {self.target} (output.overwrite=true replaces "
+                               "a previous dare_lab output; Python: overwrite=True)")
 
     def __enter__(self) -> Path:
         self.tmp.mkdir()
@@ -431,7 +435,7 @@ class AtomicDir:
                     os.fsync(fh.fileno())
         if os.path.lexists(self.target):
             if not self.overwrite:   # appeared while this run worked (another process)
-                raise FileExistsError(f"output directory already exists: {self.target} (output.overwrite=true replaces a previous dare_lab output; Python: overwrite=True)")
+                raise self._exists()
             check_replaceable(self.target, **self.guard)   # still a previous output (another process)?
             if exchange(self.tmp, self.target):     # one atomic step: the target is never missing
                 shutil.rmtree(self.tmp, ignore_errors=True)   # now holds the previous output

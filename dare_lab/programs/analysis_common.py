@@ -97,7 +97,9 @@ class TrackedRun:
         if refs:
             self.table("paper_reference", refs)
         # under dare-lab the run directory is printed once, by the CLI, after the metrics
-        print(f"\n{shown}" + ("" if self.in_run_dir else f"results: {self.dir}"))
+        text = shown + ("" if self.in_run_dir else f"results: {self.dir}")
+        if text:
+            print("\n" + text.rstrip("\n"))
         self.finish(metrics)
         if not self.in_run_dir:   # the Python API's caller learns where the results went
             metrics["results_dir"] = str(self.dir)

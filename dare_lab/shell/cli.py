@@ -43,34 +43,33 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")  # dare_lab/co
 USER_ERRORS = (ValueError, OSError, TypeError, KeyError)
 
 
-def run_leaf(run_name: Any = None) -> str:
-    """The last part of a single run's directory (``hydra.run.dir``): ``run_name`` when given, so a
-    named run's record, tables and plots share ``results/<experiment>/<run_name>/``; otherwise the
+def run_dir_of(experiment: Any, run_name: Any = None) -> str:
+    """A single run's directory (``hydra.run.dir``): ``<results root>/<experiment>/<leaf>``, the
+    leaf being ``run_name`` when given (a named run's record, tables and plots share it), else the
     start time with microseconds (two runs started in one second get two directories)."""
     from datetime import datetime
 
     from dare_lab.tracking.files import safe_name
+    from dare_lab.tracking.local import results_root
 
-    if run_name is not None and str(run_name) != "":
-        return safe_name(str(run_name))
-    return datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
+    leaf = safe_name(str(run_name)) if run_name is not None and str(run_name) != "" else \
+        datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
+    return str(results_root() / safe_name(str(experiment)) / leaf)
 
 
 # cached per config, like Hydra's own ``now``: every read of hydra.run.dir gives the same directory
-OmegaConf.register_new_resolver("dare_lab.run_leaf", run_leaf, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("dare_lab.run_dir", run_dir_of, use_cache=True, replace=True)
 
 
-def experiment_summary(cfg: DictConfig, hc: Any, run_dir: Path) -> None:
-    """A single run in the default layout (``results/<experiment>/<run>/``) rewrites the
+def experiment_summary(cfg: DictConfig, run_dir: Path) -> None:
+    """A single run in the default layout (``<results root>/<experiment>/<run>/``) rewrites the
     experiment's ``summary.csv|md`` (every run of it, the config keys that differ, all metrics);
     a run directory elsewhere (``hydra.run.dir=...``) writes nothing outside itself."""
     from dare_lab.tracking.files import safe_name
+    from dare_lab.tracking.local import results_root
     from dare_lab.tracking.summaries import write_summary
 
-    root = Path(os.environ.get("DARE_LAB_RESULTS") or "results")
-    if not root.is_absolute():
-        root = Path(hc.runtime.cwd) / root
-    exp = root / safe_name(str(cfg.get("experiment_name", "default")))
+    exp = results_root() / safe_name(str(cfg.get("experiment_name", "default")))
     try:
         if run_dir.resolve().parent == exp.resolve():
             write_summary(exp)
@@ -391,7 +390,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         if enabled:  # the last step: from now on a relaunch skips this run
             record_complete(registry, rid, config_yaml, metrics, run_dir)
         if not _is_multirun(hc):
-            experiment_summary(cfg, hc, run_dir)
+            experiment_summary(cfg, run_dir)
     except Exception as exc:  # noqa: BLE001 - reported as one line below
         err = user_error(exc)
         if err is None:

@@ -55,6 +55,17 @@ def _hydra_info() -> tuple[str | None, str | None]:
         return None, None
 
 
+def results_root(root: str | Path | None = None) -> Path:
+    """Where results go: ``root``, else ``$DARE_LAB_RESULTS``, else ``results/``, relative to
+    Hydra's original working directory when running under Hydra (one rule for the CLI's run
+    directories, the experiment summaries and the local tracker)."""
+    cwd, _ = _hydra_info()
+    path = Path(root or os.environ.get("DARE_LAB_RESULTS") or "results")
+    if not path.is_absolute() and cwd:
+        path = Path(cwd) / path
+    return path
+
+
 class LocalTracker(Tracker):
     """Writes config, metrics, tables and plots under ``<root>/<experiment>/<run>/``."""
 
@@ -76,12 +87,7 @@ class LocalTracker(Tracker):
         return self._dir.parent if self._dir else None
 
     def _resolve_root(self) -> Path:
-        cwd, _ = _hydra_info()
-        root = self.root or os.environ.get("DARE_LAB_RESULTS") or "results"
-        root = Path(root)
-        if not root.is_absolute() and cwd:
-            root = Path(cwd) / root
-        return root
+        return results_root(self.root)
 
     def _start(self, config: dict[str, Any]) -> None:
         if self.fixed_dir is not None:  # the CLI's run directory: config/metrics are the CLI's

@@ -80,6 +80,27 @@ def test_curves_bookkeeping_and_summary(tiny_pool):
     assert "ft0 ft0/kept: SFT 1.0000" in text
 
 
+def test_findings_follow_the_metrics_direction():
+    """A lower NLL is better: DARE near SFT's NLL keeps it, DropOnly's larger NLL is worse."""
+    def row(metric, method, p, mean):
+        return {"model": "bbc", "metric": metric, "method": method, "p": p, "mean": mean, "std": 0.0, "n_seeds": 1}
+
+    summary = []
+    for metric, sft, dare, drop, mp in (("bbc/gold_nll", 0.51, 0.515, 5.15, 0.40), ("bbc/accuracy", 0.83, 0.83, 0.38, 0.90)):
+        summary.append(row(metric, "dare", 0.0, sft))
+        summary += [row(metric, "dare", 0.9, dare), row(metric, "drop_only", 0.9, drop), row(metric, "magnitude", 0.9, mp)]
+    summary.append(row("bbc/gold_nll", "dare", 0.99, 0.60))   # 0.09 above SFT's NLL: no longer kept
+    text = "\n".join(R.findings(summary))
+    assert "bbc bbc/gold_nll (lower is better): SFT 0.5100; DARE stays within 0.01 of SFT up to p=0.9\n" in text
+    assert "p=0.9: DARE 0.5150 vs DropOnly 5.1500 → rescaling helps" in text
+    assert "p=0.9: DARE 0.5150 vs MP 0.4000 → DARE not better" in text
+    assert "bbc bbc/accuracy: SFT 0.8300; DARE stays within 0.01 of SFT up to p=0.9\n" in text
+    assert "p=0.9: DARE 0.8300 vs DropOnly 0.3800 → rescaling helps" in text
+    assert "p=0.9: DARE 0.8300 vs MP 0.9000 → DARE not better" in text
+    assert R.lower_is_better("word_perplexity") and R.lower_is_better("tweets/gold_nll")
+    assert not R.lower_is_better("bbc/accuracy") and not R.lower_is_better("macro_f1")
+
+
 def test_restrict_taskpool_and_unknown_model(tiny_pool):
     class Task:
         def __init__(self, name, model=None):

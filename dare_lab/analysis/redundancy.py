@@ -201,11 +201,25 @@ def curve(summary: Sequence[Mapping[str, Any]], model: str, metric: str, method:
     return mean, std
 
 
+LOWER_IS_BETTER = ("nll", "loss", "perplexity", "ppl", "bits_per_byte", "error")
+"""Metric name endings (after the task prefix) for which a smaller value is better."""
+
+
+def lower_is_better(metric: str) -> bool:
+    """True for losses, NLLs, perplexities and error rates (``bbc/gold_nll``, ``word_perplexity``)."""
+    name = metric.rsplit("/", 1)[-1].split(",", 1)[0].lower()
+    return name.endswith(LOWER_IS_BETTER)
+
+
 def findings(summary: Sequence[Mapping[str, Any]], tolerance: float = 0.01) -> list[str]:
-    """Plain-language checks of the paper's claims on these curves (per model and metric)."""
+    """Plain-language checks of the paper's claims on these curves (per model and metric).
+
+    "Better" follows the metric's direction: for a loss or NLL (:func:`lower_is_better`) DARE
+    keeps the SFT score while it stays at most ``tolerance`` above it, and helps when it is lower."""
     lines = []
     sft = sft_scores(summary)
     for (model, metric), s in sorted(sft.items()):
+        sign = -1.0 if lower_is_better(metric) else 1.0   # compare sign · value: larger is better
         def at(method: str, p: float) -> float | None:
             for r in summary:
                 if (r["model"], r["metric"], r["method"], r["p"]) == (model, metric, method, p):
@@ -213,14 +227,16 @@ def findings(summary: Sequence[Mapping[str, Any]], tolerance: float = 0.01) -> l
             return None
 
         dare_ok = [p for p in sorted({r["p"] for r in summary if r["method"] == "dare"})
-                   if p > 0 and (v := at("dare", p)) is not None and v >= s - tolerance]
+                   if p > 0 and (v := at("dare", p)) is not None and sign * (v - s) >= -tolerance]
         max_ok = max(dare_ok) if dare_ok else 0.0
-        lines.append(f"{model} {metric}: SFT {s:.4f}; DARE stays within {tolerance:g} of SFT up to p={max_ok:g}")
+        direction = " (lower is better)" if sign < 0 else ""
+        lines.append(f"{model} {metric}{direction}: SFT {s:.4f}; DARE stays within {tolerance:g} of SFT up to p={max_ok:g}")
         for p in (0.5, 0.9, 0.99):
             d, o, m = at("dare", p), at("drop_only", p), at("magnitude", p)
             if d is not None and o is not None:
+                gain = sign * (d - o)
                 lines.append(f"  p={p:g}: DARE {d:.4f} vs DropOnly {o:.4f} → rescaling "
-                             f"{'helps' if d > o + 1e-9 else 'does not help' if d < o - 1e-9 else 'ties'}")
+                             f"{'helps' if gain > 1e-9 else 'does not help' if gain < -1e-9 else 'ties'}")
             if d is not None and m is not None:
-                lines.append(f"  p={p:g}: DARE {d:.4f} vs MP {m:.4f} → DARE {'better' if d > m + 1e-9 else 'not better'}")
+                lines.append(f"  p={p:g}: DARE {d:.4f} vs MP {m:.4f} → DARE {'better' if sign * (d - m) > 1e-9 else 'not better'}")
     return lines

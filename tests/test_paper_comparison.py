@@ -82,22 +82,22 @@ def test_rows_and_verdicts(tmp_path):
 
 def test_large_delta_row(tmp_path):
     root, out = tmp_path / "paper", tmp_path / "cmp.md"
-    _fake_tree(root)
+    _fake_tree(root)   # ordinary encoder pool: a keeps 0.795 / 0.800 at p=0.9, 0.700 / 0.800 at p=0.99
     d = root / "large_delta"
     _write(d / "table6" / "tables" / "delta_overview.csv", "model,min,max,typical_range",
-           ["a,-0.04,0.05,0.021", "b,-0.003,0.002,0.0012"])
+           ["a,-0.04,0.05,0.021", "b,-0.03,0.02,0.012", "c,-0.003,0.002,0.0012"])
     _write(d / "fig3" / "tables" / "redundancy.csv", RED_HEADER, [
-        "a,a/accuracy,dare,0.0,0.800,0.0,1", "a,a/accuracy,dare,0.1,0.795,0.001,3",
-        "a,a/accuracy,dare,0.3,0.700,0.010,3", "a,a/accuracy,dare,0.5,0.750,0.020,3",
-        "a,a/accuracy,dare,0.9,0.300,0.050,3",
-        "b,b/accuracy,dare,0.0,0.900,0.0,1", "b,b/accuracy,dare,0.5,0.900,0.0,3", "b,b/accuracy,dare,0.9,0.895,0.0,3"])
+        "a,a/accuracy,dare,0.0,0.800,0.0,1", "a,a/accuracy,dare,0.5,0.780,0.004,3", "a,a/accuracy,dare,0.9,0.640,0.020,3",
+        "a,a/accuracy,dare,0.99,0.400,0.050,3",
+        "b,b/accuracy,dare,0.0,0.900,0.0,1", "b,b/accuracy,dare,0.5,0.450,0.0,3",
+        "c,c/accuracy,dare,0.0,0.900,0.0,1", "c,c/accuracy,dare,0.5,0.900,0.0,3"])
     assert _run(root, out).returncode == 0
     row = _row(out.read_text(), "§4.6")
-    # a keeps the score at 0.1 only (0.3 falls out; 0.5 coming back does not count); b's deltas are small
-    assert row[2] == ("a: 98% within ±0.0210, max \\|δ\\| 0.0500; SFT 0.800, DARE p=0.1 0.795±0.001, p=0.5 0.750±0.020, "
-                      "p=0.9 0.300±0.050; keeps the SFT score up to p=0.1; b: 98% within ±0.0012, max \\|δ\\| 0.0030; "
-                      "SFT 0.900, DARE p=0.5 0.900±0.000, p=0.9 0.895±0.000; keeps the SFT score up to p=0.9")
-    assert row[3] == "holds; not comparable (b: deltas within 0.005)"
+    assert row[2] == ("a: 98% within ±0.0210, max \\|δ\\| 0.0500; DARE / SFT at p=0.5/0.9/0.99: 0.97 / 0.80 / 0.50 "
+                      "(demo recipe: – / 0.99 / 0.87); b: 98% within ±0.0120, max \\|δ\\| 0.0300; DARE / SFT at p=0.5: 0.50; "
+                      "c: 98% within ±0.0012, max \\|δ\\| 0.0030; DARE / SFT at p=0.5: 1.00")
+    assert row[3] == ("partly on a (no collapse by p=0.5; degrades earlier, e.g. at p=0.99); holds on b; "
+                      "not comparable (c: deltas within 0.005)")
     assert row[4:] == ["not measured", "not measured"]
 
 

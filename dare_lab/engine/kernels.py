@@ -30,6 +30,39 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
         return (lambda f: f) if not args or not callable(args[0]) else args[0]
 
 
+BLAS_PROBE = "scipy.linalg.cython_blas"
+
+
+def _load_numba_registries() -> None:
+    """Load numba's typing and lowering registries now, without its BLAS probe.
+
+    Why: a process's first compiled call (even one loaded from numba's on-disk cache) loads the
+    registries, and ``numba.np.arraymath`` probes for BLAS by importing ``scipy.linalg`` — with
+    ``numpy.f2py``, ~0.3 s of a merge's start-up (measured: 0.30 of 0.78 s under load). These
+    loops use no BLAS, so the probe is told there is none: numba's own loop then serves the
+    inner products of ``np.correlate``/``np.convolve`` in this process, while ``np.dot`` and the
+    other linear algebra still find scipy's BLAS when compiled. Skipped when ``scipy.linalg``
+    or numba's NumPy registry is already imported (nothing to save, nothing changed)."""
+    import sys
+
+    from numba.core.compiler_lock import global_compiler_lock
+    from numba.core.registry import cpu_target
+
+    block = not any(m in sys.modules for m in ("numba.np.arraymath", "scipy.linalg", BLAS_PROBE))
+    with global_compiler_lock:
+        if block:
+            sys.modules[BLAS_PROBE] = None   # ``import`` of a None entry raises ImportError at once
+        try:
+            cpu_target.target_context.refresh()
+        finally:
+            if block and BLAS_PROBE in sys.modules and sys.modules[BLAS_PROBE] is None:
+                del sys.modules[BLAS_PROBE]
+
+
+if AVAILABLE:
+    _load_numba_registries()
+
+
 def load(v):  # pragma: no cover - replaced by the overload inside compiled code
     """An input entry as float32: bf16 arrives as its 16 raw bits (an int16 view), float32 as is."""
     raise NotImplementedError("only callable from compiled code")

@@ -297,18 +297,28 @@ def _size_verdict(path: Path) -> tuple[str, str]:
     def p_of(text: str | None) -> float:
         return float("inf") if text is None or text.startswith("none") else float(text)
 
+    curves = path.with_name("curves.csv")
+    rel = {(r["size"], r["task"], r["method"], float(r["p"])): (float(r["mean"]), float(r["std"]), int(r["n_seeds"]))
+           for r in (csv.DictReader(curves.open(encoding="utf-8")) if curves.is_file() else [])}
+
+    def there(task: str, size: str, p: str | None) -> str:
+        """`` (0.62±0.16 of SFT)``: DARE's relative score at p (mean ± std over seeds), when known."""
+        v = rel.get((size, task, "dare", p_of(p)))
+        return f" ({fmt(*v)} of SFT)" if v else ""
+
     small, large = sizes[0], sizes[-1]
     parts, verdicts = [], []
     for task in dict.fromkeys(r["task"] for r in rows):
         a, b = first(task, "DARE", small), first(task, "DARE", large)
         flat = [sz for sz in (small, large) if p_of(first(task, "DropOnly", sz)) == float("inf")]
-        parts.append(f"{task}: DARE < 95 % of SFT from p={a} ({small}) vs p={b} ({large})")
+        parts.append(f"{task}: DARE < 95 % of SFT from p={a}{there(task, small, a)} ({small}) vs "
+                     f"p={b}{there(task, large, b)} ({large})")
         if flat:
             verdicts.append(f"{task} not comparable ({', '.join(flat)}: even DropOnly keeps ≥ 95 %)")
         elif p_of(b) > p_of(a):
             verdicts.append(f"holds on {task}")
         elif p_of(b) == p_of(a):
-            verdicts.append(f"{task}: no difference")
+            verdicts.append(f"does not hold on {task} (both sizes fall at the same p)")
         else:
             verdicts.append(f"does not hold on {task}")
     return "; ".join(parts), "; ".join(verdicts)

@@ -154,3 +154,25 @@ def test_size_row_reads_size_findings_verdict_table(tmp_path):
     assert row[2] == ("bbc: DARE < 95 % of SFT from p=0.99 (MiniLM-L6) vs p=none (<= 0.9995) (MPNet-base); "
                       "tweets: DARE < 95 % of SFT from p=none (<= 0.9995) (MiniLM-L6) vs p=0.9995 (MPNet-base)")
     assert row[3] == "holds on bbc; tweets not comparable (MiniLM-L6, MPNet-base: even DropOnly keeps ≥ 95 %)"
+
+
+def test_size_row_same_p_for_both_sizes_with_relative_scores(tmp_path):
+    root, out = tmp_path / "paper", tmp_path / "cmp.md"
+    _fake_tree(root)
+    d = root / "size_finding"
+    d.mkdir()
+    (d / "verdict.csv").write_text(
+        "task,method,size,sft,last p >= 0.95,first p < 0.95,relative there,n_seeds\n"
+        "bbc,DARE,MPNet-base,0.97,0.995,0.999,0.62,3\n"
+        "bbc,DARE,MiniLM-L6,0.94,0.995,0.999,0.66,3\n"
+        "bbc,DropOnly,MPNet-base,0.97,0.0,0.9,0.88,3\n"
+        "bbc,DropOnly,MiniLM-L6,0.94,0.0,0.9,0.69,3\n")
+    (d / "curves.csv").write_text(
+        "size,task,metric,method,p,sft,mean,std,n_seeds\n"
+        "MPNet-base,bbc,bbc/accuracy,dare,0.999,0.97,0.6214,0.1611,3\n"
+        "MiniLM-L6,bbc,bbc/accuracy,dare,0.999,0.94,0.6568,0.1336,3\n")
+    assert _run(root, out).returncode == 0
+    row = _row(out.read_text(), "Fig. 3/4: larger models")
+    assert row[2] == ("bbc: DARE < 95 % of SFT from p=0.999 (0.657±0.134 of SFT) (MiniLM-L6) vs "
+                      "p=0.999 (0.621±0.161 of SFT) (MPNet-base)")
+    assert row[3] == "does not hold on bbc (both sizes fall at the same p)"

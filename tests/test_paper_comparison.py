@@ -102,10 +102,7 @@ def test_large_delta_row(tmp_path):
 
 
 def test_size_finding_row_when_present(tmp_path):
-    root, out = tmp_path / "paper", tmp_path / "cmp.md"
-    _fake_tree(root)
-    d = root / "size_finding"
-    d.mkdir()
+    root, out, d = _size_dir(tmp_path)
     (d / "verdict.txt").write_text("mpnet keeps its score to p=0.99, MiniLM to p=0.9: the size claim holds\n")
     assert _run(root, out).returncode == 0
     row = _row(out.read_text(), "Fig. 3/4: larger models")
@@ -133,13 +130,22 @@ def test_raw_tables_of_separate_seed_runs_join(tmp_path):
     assert _row(out.read_text(), "Fig. 3/4: DARE keeps")[4] == "a: SFT 0.500, DARE p=0.9 0.500±0.082"
 
 
-def test_size_row_reads_size_findings_verdict_table(tmp_path):
+VERDICT_HEADER = "task,method,size,sft,last p >= 0.95,first p < 0.95,relative there,n_seeds\n"
+
+
+def _size_dir(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A fake results tree with an empty size_finding/: (root, output file, size_finding dir)."""
     root, out = tmp_path / "paper", tmp_path / "cmp.md"
     _fake_tree(root)
     d = root / "size_finding"
     d.mkdir()
+    return root, out, d
+
+
+def test_size_row_reads_size_findings_verdict_table(tmp_path):
+    root, out, d = _size_dir(tmp_path)
     (d / "verdict.csv").write_text(
-        "task,method,size,sft,last p >= 0.95,first p < 0.95,relative there,n_seeds\n"
+        VERDICT_HEADER +
         "bbc,DARE,MPNet-base,0.79,0.9995,none (<= 0.9995),,3\n"
         "bbc,DARE,MiniLM-L6,0.56,0.9,0.99,0.93,3\n"
         "bbc,DropOnly,MPNet-base,0.79,0.0,0.9,0.72,3\n"
@@ -157,12 +163,9 @@ def test_size_row_reads_size_findings_verdict_table(tmp_path):
 
 
 def test_size_row_same_p_for_both_sizes_with_relative_scores(tmp_path):
-    root, out = tmp_path / "paper", tmp_path / "cmp.md"
-    _fake_tree(root)
-    d = root / "size_finding"
-    d.mkdir()
+    root, out, d = _size_dir(tmp_path)
     (d / "verdict.csv").write_text(
-        "task,method,size,sft,last p >= 0.95,first p < 0.95,relative there,n_seeds\n"
+        VERDICT_HEADER +
         "bbc,DARE,MPNet-base,0.97,0.995,0.999,0.62,3\n"
         "bbc,DARE,MiniLM-L6,0.94,0.995,0.999,0.66,3\n"
         "bbc,DropOnly,MPNet-base,0.97,0.0,0.9,0.88,3\n"

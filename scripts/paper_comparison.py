@@ -209,12 +209,18 @@ def merge_finding(rows) -> tuple[str, str]:
 
 # ---- Table 6 / §4.6 ------------------------------------------------------------------------
 
+def delta_range(row: dict) -> tuple[float, str]:
+    """A delta_overview row's typical range (98 % of δ within ±range) and its one-line text."""
+    rng, mx = float(row["typical_range"]), max(abs(float(row["min"])), abs(float(row["max"])))
+    return rng, f"{row['model']}: 98% within ±{rng:.4f}, max |δ| {mx:.4f}"
+
+
 def delta_finding(paths: list[Path]) -> tuple[str, str]:
     rows = read_all(paths)
     parts, ok = [], []
     for r in rows:
-        rng, mx = float(r["typical_range"]), max(abs(float(r["min"])), abs(float(r["max"])))
-        parts.append(f"{r['model']}: 98% within ±{rng:.4f}, max |δ| {mx:.4f}")
+        rng, text = delta_range(r)
+        parts.append(text)
         ok.append(rng <= 0.005)
     if not ok:
         return "not measured", "not measured"
@@ -237,29 +243,27 @@ def large_delta_finding(root: Path, pool: str, ordinary) -> tuple[str, str]:
     Holds where those deltas exceed the paper's 0.005 and DARE at p = 0.5 keeps < COLLAPSE of the
     SFT score; "partly" where it only degrades earlier than the ordinary pool (≥ DEGRADE less of
     the SFT score at some shared p)."""
-    d = root / f"{POOLS[pool]}large_delta"
-    dl, red = sorted(d.glob("*/tables/delta_overview.csv")), sorted(d.glob("*/tables/redundancy.csv"))
+    dl = find_tables(root, "large_delta", pool, "delta_overview")
+    red = find_tables(root, "large_delta", pool, "redundancy")
     if not dl or not red:
         return "not measured", "not measured"
-    ranges = {r["model"]: (float(r["typical_range"]), max(abs(float(r["min"])), abs(float(r["max"]))))
-              for r in read_all(dl)}
+    ranges = {r["model"]: delta_range(r) for r in read_all(dl)}
     acc = accuracy_rows(red)
     parts, verdicts = [], []
     for m in _models(acc):
         if _sft(acc, m) is None or m not in ranges:
             continue
-        rng, mx = ranges[m]
-        ps = [p for p in (0.5, 0.9, 0.99) if _relative(acc, m, p) is not None]
-        big = [_relative(acc, m, p) for p in ps]
-        text = (f"{m}: 98% within ±{rng:.4f}, max |δ| {mx:.4f}; DARE / SFT at p={'/'.join(f'{p:g}' for p in ps)}: "
-                + " / ".join(f"{x:.2f}" for x in big))
+        rng, text = ranges[m]
+        rel = {p: v for p in (0.5, 0.9, 0.99) if (v := _relative(acc, m, p)) is not None}
+        ps, big = list(rel), list(rel.values())
+        text += f"; DARE / SFT at p={'/'.join(f'{p:g}' for p in ps)}: " + " / ".join(f"{x:.2f}" for x in big)
         small = [_relative(ordinary, m, p) for p in ps] if ordinary else []
         if any(x is not None for x in small):
             text += " (demo recipe: " + " / ".join("–" if x is None else f"{x:.2f}" for x in small) + ")"
         parts.append(text)
         if rng <= 0.005:
             verdicts.append(f"not comparable ({m}: deltas within 0.005)")
-        elif 0.5 in ps and _relative(acc, m, 0.5) < COLLAPSE:
+        elif 0.5 in rel and rel[0.5] < COLLAPSE:
             verdicts.append(f"holds on {m}")
         elif small and any(x is not None and y < x - DEGRADE for x, y in zip(small, big)):
             worst = max((x - y, p) for p, x, y in zip(ps, small, big) if x is not None)[1]
@@ -279,9 +283,7 @@ def _size_verdict(path: Path) -> tuple[str, str]:
     other data). A size whose DropOnly never falls below 95 % is not informative (its delta hardly
     matters: the model barely learned the task). Known sizes are ordered by parameters (MiniLM-L6
     22.7 M < MPNet-base 110 M), others after them in file order."""
-    import csv
-
-    rows = list(csv.DictReader(path.open(encoding="utf-8")))
+    rows = read_csv(path)
     sizes = [s for s in dict.fromkeys(r["size"] for r in rows) if "full data" not in s]
     order = {"MiniLM-L6": 0, "MPNet-base": 1}
     sizes.sort(key=lambda s: order.get(s, len(order)))
@@ -299,7 +301,7 @@ def _size_verdict(path: Path) -> tuple[str, str]:
 
     curves = path.with_name("curves.csv")
     rel = {(r["size"], r["task"], r["method"], float(r["p"])): (float(r["mean"]), float(r["std"]), int(r["n_seeds"]))
-           for r in (csv.DictReader(curves.open(encoding="utf-8")) if curves.is_file() else [])}
+           for r in (read_csv(curves) if curves.is_file() else [])}
 
     def there(task: str, size: str, p: str | None) -> str:
         """`` (0.62±0.16 of SFT)``: DARE's relative score at p (mean ± std over seeds), when known."""

@@ -2,6 +2,7 @@
 and leaves numba's linear algebra usable afterwards."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -26,16 +27,16 @@ print(dot(np.arange(3.0), np.arange(3.0)))
 """
 
 
-def _run(prelude: str = "") -> list[str]:
+def _run(cache: Path, prelude: str = "") -> list[str]:
     r = subprocess.run([sys.executable, "-c", prelude + CHECK], capture_output=True, text=True,
-                       env={"PATH": "/usr/bin:/bin", "NUMBA_CACHE_DIR": "/tmp/dare_lab_test_numba_cache"})
+                       env={"PATH": "/usr/bin:/bin", "NUMBA_CACHE_DIR": str(cache)})
     assert r.returncode == 0, r.stderr
     return r.stdout.split()
 
 
-def test_kernels_load_without_scipy_linalg_and_blas_still_works():
-    assert _run() == ["False", "False", "5.0"]   # np.dot compiled after the load still finds scipy's BLAS
+def test_kernels_load_without_scipy_linalg_and_blas_still_works(tmp_path):
+    assert _run(tmp_path) == ["False", "False", "5.0"]   # np.dot compiled after the load still finds scipy's BLAS
 
 
-def test_nothing_changes_when_scipy_linalg_is_already_imported():
-    assert _run("import scipy.linalg\n") == ["True", "True", "5.0"]
+def test_nothing_changes_when_scipy_linalg_is_already_imported(tmp_path):
+    assert _run(tmp_path, "import scipy.linalg\n") == ["True", "True", "5.0"]

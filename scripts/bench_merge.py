@@ -87,7 +87,7 @@ for th in threading.enumerate():   # the background compile (the process would w
     if th.name == "dare-lab-numba-warmup":
         th.join()
 print(json.dumps({"import_s": t1 - t0, "merge_s": t2 - t1, "first_read_s": _first[0] if _first else None,
-                  "warmup": warmup.history()}))
+                  "warmup": warmup.history(), "compile_mode": warmup.resolved_mode(cfg["threads"])}))
 import gc; gc.freeze()  # as dare-lab's CLI does before it exits (skips a last collection over torch's objects)
 """
 
@@ -368,13 +368,14 @@ def main() -> None:
 
 
 def run_compile(args, keys: list[str], base: Path, models: list[Path], scratch: Path, env: dict) -> list[dict]:
-    """Each method's first merge in a fresh process: numba cache empty (cold: background compile,
-    the default, and DARE_LAB_COMPILE=wait, the old behaviour) and filled (warm)."""
+    """Each method's first merge in a fresh process: numba cache empty (cold: the default ``auto``
+    mode, and DARE_LAB_COMPILE=background / wait forced) and filled by the default run (warm)."""
     rows = []
     for key in keys:
         spec = METHODS[key][0]
         row = {"key": key, "merge": METHODS[key][4]}
-        for label, mode, cold in (("cold_wait", "wait", True), ("cold", "background", True), ("warm", "background", False)):
+        for label, mode, cold in (("cold_wait", "wait", True), ("cold_background", "background", True),
+                                  ("cold", "auto", True), ("warm", "auto", False)):
             cache_dir = scratch / f"numba-{key}"
             if cold:
                 shutil.rmtree(cache_dir, ignore_errors=True)
@@ -534,17 +535,21 @@ def write_report(args, keys, extras, runs, floor, scaling, delta, compile_rows=(
                          f"{dl_run['wall']:.2f} s | {100 * dl_run['steal']:.0f} % | {mk_run['wall'] / dl_run['wall']:.1f}× |")
         lines.append("")
     if compile_rows:
+        modes = sorted({c["cold"].get("compile_mode", "?") for c in compile_rows})
         lines += ["## Compile cost (first merge in a fresh process)", "",
-                  "*cold*: empty numba cache (a fresh install), the default background compile: tensors take the torch "
-                  "path (same bits) until the loops are compiled; *cold, wait*: `DARE_LAB_COMPILE=wait` (the first "
-                  "tensor waits for numba, the old behaviour); *warm*: the cache filled by the cold run. "
+                  "*cold*: empty numba cache (a fresh install), the default `DARE_LAB_COMPILE=auto`, which compiles in "
+                  "the background only when a core is free beyond the merge's threads and otherwise first "
+                  f"(here: **{', '.join(modes)}**, {args.threads} threads); *cold, background*: forced background "
+                  "compile (tensors take the torch path, same bits, until the loops are compiled); *cold, wait*: "
+                  "forced compile first; *warm*: the cache filled by the default cold run. "
                   "*compile cost* = cold − warm merge-only time.", "",
-                  "| merge | cold, wait | cold | warm | compile cost (cold − warm) | background compile time |",
-                  "|---|---|---|---|---|---|"]
+                  "| merge | cold (default) | cold, background | cold, wait | warm | compile cost (cold − warm) | "
+                  "background compile time |", "|---|---|---|---|---|---|---|"]
         for c in compile_rows:
-            comp = sum(h["seconds"] for h in c["cold"].get("warmup") or [])
-            lines.append(f"| {c['merge']} | {c['cold_wait']['merge_s']:.2f} s | {c['cold']['merge_s']:.2f} s | "
-                         f"{c['warm']['merge_s']:.2f} s | {c['cold']['merge_s'] - c['warm']['merge_s']:.2f} s | {comp:.1f} s |")
+            comp = sum(h["seconds"] for h in c["cold_background"].get("warmup") or [])
+            lines.append(f"| {c['merge']} | {c['cold']['merge_s']:.2f} s | {c['cold_background']['merge_s']:.2f} s | "
+                         f"{c['cold_wait']['merge_s']:.2f} s | {c['warm']['merge_s']:.2f} s | "
+                         f"{c['cold']['merge_s'] - c['warm']['merge_s']:.2f} s | {comp:.1f} s |")
         lines.append("")
     if scaling:
         lines += ["## Scaling (dare_lab; one run each)", "",

@@ -134,3 +134,35 @@ def test_a_rehearsed_kind_takes_the_compiled_loops_from_the_first_tensor_next_ti
         if t.name == "dare-lab-numba-warmup":
             t.join(60)
     assert rehearsed, "a marker of another CPU was taken as warm"
+
+
+@pytest.mark.parametrize("cores,background", [(1, False), (2, True)], ids=["no_free_core", "a_free_core"])
+def test_auto_compiles_in_the_background_only_with_a_core_to_spare(cores, background, monkeypatch):
+    """``auto`` (the default): an in-memory merge (1 thread) on 1 core compiles first (every tensor
+    on the compiled loops), on 2 cores in the background (a rehearsal thread starts)."""
+    monkeypatch.setattr(warmup, "MODE", "auto")
+    monkeypatch.setattr(warmup, "_done", set())
+    monkeypatch.setattr(warmup, "available_cores", lambda: cores)
+    rehearsed = []
+    monkeypatch.setattr(warmup, "_rehearse", lambda *a: rehearsed.append(a))
+    compiled = _count(monkeypatch, "_ties_fused")
+    base, models = _pool()
+    merged = merge_state_dicts(base, models, build_method(name="ties", retain_ratio=0.5))   # on 1 thread
+    for t in threading.enumerate():
+        if t.name == "dare-lab-numba-warmup":
+            t.join(60)
+    assert warmup.resolved_mode(1) == ("background" if background else "wait")
+    assert bool(rehearsed) == background
+    if not background:
+        assert len(compiled) == len(merged), "a tensor took the torch path though the merge waited for numba"
+
+
+def test_a_bad_compile_mode_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(warmup, "MODE", "later")
+    base, models = _pool()
+    with pytest.raises(ValueError, match=r"DARE_LAB_COMPILE must be one of auto, background, wait, got 'later'"):
+        merge_state_dicts(base, models, build_method(name="task_arithmetic"))
+    monkeypatch.setattr(warmup, "MODE", "wait")
+    assert warmup.resolved_mode(1) == "wait"
+    monkeypatch.setattr(warmup, "MODE", "background")
+    assert warmup.resolved_mode(64) == "background"

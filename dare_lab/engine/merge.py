@@ -419,6 +419,7 @@ def merge_models(
         raise ValueError(f"compute dtype must be float32 or float64, got {dtype}")
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
+    warmup.resolved_mode(threads)   # a bad DARE_LAB_COMPILE fails before anything is read
     scope = scope or Scope()
     base_src = _open(base, "base")
     srcs = {str(m): _open(ref, str(m), base_src) for m, ref in models.items()}
@@ -444,10 +445,10 @@ def merge_models(
 
         bar = tqdm(total=len(plans), desc="merge", unit="tensor")
     tick = bar.update if bar is not None else None
-    # numba compiles (or loads) the loops this merge needs in the background; tensors take the
-    # torch path (same bits) until it is done
+    # numba compiles (or loads) the loops this merge needs, in the background where a core is
+    # free for it (tensors take the torch path, same bits, until it is done)
     warmup.start(plans, base_src, srcs, method, dtype, lambda p: _target_dtype(p, out_dtype),
-                 lambda p: _streams(p, method))
+                 lambda p: _streams(p, method), threads)
     try:
         trim = thr = None
         if getattr(method.merger, "trim_scope", "tensor") == "model":

@@ -255,7 +255,7 @@ def ta_chunk(D, m, base, U, p, q, rescale, average, k_models, scaling, scale, ou
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def ties_chunk(D, m, base, subtract, U, p, q, rescale, mode, thr, quota, w, weighted_election, mean,
-               scaling, scale, out, amb_idx, amb_t, T):  # pragma: no cover - compiled
+               scaling, scale, out, amb_idx, amb_t, T, out16):  # pragma: no cover - compiled
     """TIES (mean or sum) on entries [0, m) of a chunk, as ``StreamedMerge.run`` does in torch.
 
     ``D[k]`` (a tuple of 1-D arrays): model k's θ (``subtract``: δ = θ − base) or its already
@@ -267,7 +267,8 @@ def ties_chunk(D, m, base, subtract, U, p, q, rescale, mode, thr, quota, w, weig
     mean/sum of the agreeing w_k·t_k; ``out`` = base + λ·merged. Where the summed sign was 0
     and the +1 assumption matters, the index and the K trimmed values go to ``amb_idx`` /
     ``amb_t`` (the caller patches them once the tensor's majority sign is known). ``T``: a
-    float32 scratch of shape (K + 4, BLOCK). (Loops run over 1-D row views: with 2-D indexing
+    float32 scratch of shape (K + 4, BLOCK). If ``out16`` is not empty, the output also goes
+    into it as bf16 bits (one pass less than casting ``out`` afterwards). (Loops run over 1-D row views: with 2-D indexing
     numba cannot rule out aliasing and does not vectorise.)
 
     Returns (status, balance, n_amb): status 0 ok, 1 a NaN/Inf in a delta or the output;
@@ -276,6 +277,7 @@ def ties_chunk(D, m, base, subtract, U, p, q, rescale, mode, thr, quota, w, weig
     K = len(D)
     zero32 = np.float32(0.0)
     one32 = np.float32(1.0)
+    bf16 = out16.shape[0] > 0
     tot, sg, acc, cnt = T[K], T[K + 1], T[K + 2], T[K + 3]
     balance = 0
     n_amb = 0
@@ -399,6 +401,10 @@ def ties_chunk(D, m, base, subtract, U, p, q, rescale, mode, thr, quota, w, weig
             o[j] = v
         if bad:
             return 1, balance, n_amb
+        if bf16:
+            o16 = out16[i0:i0 + L]
+            for j in range(L):
+                store_bf16(o16, j, o[j])
     return 0, balance, n_amb
 
 

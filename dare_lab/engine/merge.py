@@ -168,9 +168,11 @@ def _chunk_reader(src: TensorSource, name: str, key: str):
 
 def _into(flat: torch.Tensor) -> tuple[Callable[[int, torch.Tensor], None], Callable[[torch.Tensor, torch.Tensor], None]]:
     """``emit`` / ``patch`` callbacks for :meth:`StreamedMerge.run` that merge into the flat
-    in-memory tensor ``flat`` (cast to its dtype)."""
+    in-memory tensor ``flat`` (cast to its dtype); a chunk already in place (``emit_into``) is kept."""
     def emit(s: int, chunk: torch.Tensor) -> None:
-        flat[s: s + chunk.numel()].copy_(chunk)
+        dst = flat[s: s + chunk.numel()]
+        if chunk.data_ptr() != dst.data_ptr() or chunk.dtype != dst.dtype:
+            dst.copy_(chunk)
 
     def patch(idx: torch.Tensor, vals: torch.Tensor) -> None:
         flat[idx] = vals.to(flat.dtype)
@@ -210,13 +212,14 @@ def _merge_one(plan: TensorPlan, base: TensorSource, models: Mapping[str, Tensor
             # TIES patches entries once the tensor's majority sign is known: merge into the
             # writer's staging buffer, patch there, write once (no read-back of written data)
             staged = writer.staged(plan.name)
+            job.emit_into = staged
             try:
                 job.run(*_into(staged))
             except NonFiniteChunk:
                 writer.write(plan.name, _merge_one_reference(plan, base, models, method, dtype, out_dtype, thresholds))
                 return None
             _complete_digests(readers)
-            writer.write(plan.name, staged.view(plan.shape))
+            writer.write_staged(plan.name, staged.view(plan.shape))
             return None
         if writer is not None:
             job.emit_dtype = target
@@ -238,6 +241,8 @@ def _merge_one(plan: TensorPlan, base: TensorSource, models: Mapping[str, Tensor
             return None
         result = torch.empty(n, dtype=target)
         job.emit_dtype = target
+        if method.merger.kind == "ties":
+            job.emit_into = result
         try:
             job.run(*_into(result))
             _complete_digests(readers)

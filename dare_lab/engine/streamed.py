@@ -256,6 +256,10 @@ class StreamedMerge:
         self.emit_dtype: torch.dtype | None = None
         """Set to the saved dtype by a caller whose ``emit`` takes chunks in it: task arithmetic's
         compiled loop then rounds to bf16 itself (one pass less than emit casting)."""
+        self.emit_into: torch.Tensor | None = None
+        """Set by a caller whose ``emit`` copies each chunk into this flat tensor (the writer's
+        staged buffer, an in-memory result): the compiled TIES loop then writes its chunks there
+        itself (bf16 or the compute dtype) and ``emit`` gets that very slice."""
 
     # -- one model's sparsified delta on a chunk --------------------------------------------
     def _streams(self, k: int) -> MaskStream | None:
@@ -502,15 +506,22 @@ class StreamedMerge:
 
             def base_at(idx: torch.Tensor) -> torch.Tensor:
                 return raw[idx].to(self.dtype)
+        dest = self.emit_into
         out = workspace("dacc", self.chunk, self.dtype)[:m]
+        bits, done = _NO_BITS, out
+        if dest is not None and dest.dtype == torch.bfloat16:   # bf16 straight into the destination
+            done = dest[s:e]
+            bits = done.view(torch.int16).numpy()
+        elif dest is not None and dest.dtype == self.dtype:
+            out = done = dest[s:e]
         status, balance, n_amb = self.kern.ties_chunk(
             tuple(rows), m, base, raw_inputs, U, np.float32(sp.drop_rate), np.float32(1.0 - sp.drop_rate), self.rescale,
             st["mode"], st["thr"], st["quota"], st["w"],
             mg.weighted_election, mg.merge_func == "mean", np.float32(mg.scaling), mg.scaling != 1.0,
-            out.numpy(), st["amb_idx"], st["amb_t"], st["T"])
+            out.numpy(), st["amb_idx"], st["amb_t"], st["T"], bits)
         if status:
             raise NonFiniteChunk
-        emit(s, out)
+        emit(s, done)
         if n_amb:
             idx = torch.from_numpy(st["amb_idx"][:n_amb].copy())
             sub = [torch.from_numpy(st["amb_t"][k, :n_amb].copy()) for k in range(K)]

@@ -84,6 +84,9 @@ class ShardedSafetensorsWriter:
         self._behind = None                      # the write-behind thread (see :meth:`_write_behind`)
         self._slots = threading.Semaphore(self.WRITE_BEHIND)
         self._spare: list[np.ndarray] = []
+        self._staged_exec = None                 # the staged write-behind thread (see :meth:`write_staged`)
+        self._staged_slots = threading.Semaphore(self.STAGED_BEHIND)
+        self._stage_spares: list[np.ndarray] = []
         self._inflight: list = []
         self._error: BaseException | None = None
         for fname, shard in zip(files, shards):
@@ -134,10 +137,17 @@ class ShardedSafetensorsWriter:
             return self._dfds[file]
 
     def _staging(self, nbytes: int) -> np.ndarray:
-        """A page-aligned per-thread byte buffer (direct writes need aligned memory)."""
+        """A page-aligned per-thread byte buffer (direct writes need aligned memory): this
+        thread's, else the smallest spare that fits (one a staged write-behind gave back), else a
+        new one."""
         buf = getattr(self._local, "stage", None)
         if buf is None or buf.shape[0] < nbytes:
-            self._local.stage = buf = np.frombuffer(mmap.mmap(-1, max(nbytes, 1 << 20)), dtype=np.uint8)
+            with self._lock:
+                fits = [i for i, b in enumerate(self._stage_spares) if b.shape[0] >= nbytes]
+                buf = self._stage_spares.pop(min(fits, key=lambda i: self._stage_spares[i].shape[0])) if fits else None
+            if buf is None:
+                buf = np.frombuffer(mmap.mmap(-1, max(nbytes, 1 << 20)), dtype=np.uint8)
+            self._local.stage = buf
         return buf
 
     def _pwrite(self, file: Path, data: torch.Tensor, offset: int) -> None:
@@ -236,6 +246,56 @@ class ShardedSafetensorsWriter:
         self._pwrite(file, tensor, offset)
         self.done(name)
 
+    STAGED_BEHIND = 2             # staged tensors written behind at most at once (each holds its buffer)
+    STAGED_BEHIND_MAX = 256 << 20  # larger staged tensors are written by the calling thread
+
+    def write_staged(self, name: str, tensor: torch.Tensor) -> None:
+        """Write ``tensor``, which lies in this thread's :meth:`staged` buffer, behind: the buffer
+        goes to a background thread with it (a direct write blocks until the device has the
+        data) and this thread's next ``staged`` takes another buffer (a spare once one is back).
+        At most :data:`STAGED_BEHIND` are in flight; a tensor over :data:`STAGED_BEHIND_MAX`
+        bytes, or without direct writes, is written at once (:meth:`write`): the extra memory
+        stays bounded. A background failure is raised by the next write or by :meth:`finish`."""
+        file, offset, nbytes, dtype, shape = self._where[name]
+        buf = getattr(self._local, "stage", None)
+        inside = buf is not None and buf.ctypes.data <= tensor.data_ptr() < buf.ctypes.data + buf.shape[0]
+        if not inside or nbytes > self.STAGED_BEHIND_MAX or self._direct_fd(file) is None:
+            self.write(name, tensor)
+            return
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"tensor {name!r}: planned {dtype} {shape}, got {tensor.dtype} {tuple(tensor.shape)}")
+        if self._error is not None:
+            raise self._error
+        self._staged_slots.acquire()
+        try:
+            self._local.stage = None          # the buffer now belongs to the background write
+            with self._lock:
+                if self._staged_exec is None:
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    self._staged_exec = ThreadPoolExecutor(1, thread_name_prefix="dare-lab-write-staged")
+            fut = self._staged_exec.submit(self._staged_job, file, name, tensor, offset, buf)
+        except BaseException:
+            self._staged_slots.release()
+            raise
+        with self._lock:
+            self._inflight = [f for f in self._inflight if not f.done()] + [fut]
+
+    def _staged_job(self, file: Path, name: str, tensor: torch.Tensor, offset: int, buf: np.ndarray) -> None:
+        try:
+            self._pwrite(file, tensor, offset)   # page-phased (see :meth:`staged`): no copy
+            self.done(name)
+        except BaseException as exc:
+            self._error = self._error or exc
+            raise
+        finally:
+            with self._lock:
+                spares = self._stage_spares
+                spares.append(buf)
+                if len(spares) > self.STAGED_BEHIND:   # keep the largest few
+                    spares.pop(min(range(len(spares)), key=lambda i: spares[i].shape[0]))
+            self._staged_slots.release()
+
     def write_range(self, name: str, start: int, chunk: torch.Tensor) -> None:
         """Write flat entries [start, start + len(chunk)) of a tensor; call :meth:`done` after the last."""
         file, offset, nbytes, dtype, shape = self._where[name]
@@ -272,9 +332,11 @@ class ShardedSafetensorsWriter:
         try:
             self._drain()
         finally:
-            if self._behind is not None:
-                self._behind.shutdown()
-                self._behind = None
+            for attr in ("_staged_exec", "_behind"):   # staged writes first: their copies never go behind
+                pool = getattr(self, attr)
+                if pool is not None:
+                    pool.shutdown()
+                    setattr(self, attr, None)
             for fut in self._syncs:
                 fut.result()
             self._syncs = []

@@ -166,3 +166,20 @@ def test_a_bad_compile_mode_is_one_clear_error(monkeypatch):
     assert warmup.resolved_mode(1) == "wait"
     monkeypatch.setattr(warmup, "MODE", "background")
     assert warmup.resolved_mode(64) == "background"
+
+
+def test_a_merge_that_waited_marks_its_kinds_warm(tmp_path, monkeypatch):
+    """A merge that compiled its own loops (``wait``, e.g. ``auto`` on 2 cores) leaves the same
+    warm markers as a rehearsal: a later background-mode merge of that kind rehearses nothing."""
+    monkeypatch.setattr(warmup, "MODE", "wait")
+    monkeypatch.setattr(warmup, "_done", set())
+    base, models = _pool()
+    m = build_method(name="ties", retain_ratio=0.5)
+    merge_state_dicts(base, models, m)
+    assert list((tmp_path / "warm").glob("dare_lab_warm-*")), "no warm marker after a merge that waited"
+    monkeypatch.setattr(warmup, "MODE", "background")
+    monkeypatch.setattr(warmup, "_done", set())          # as in a fresh process
+    rehearsed = []
+    monkeypatch.setattr(warmup, "_rehearse", lambda *a: rehearsed.append(a))
+    merge_state_dicts(base, models, m)
+    assert rehearsed == []

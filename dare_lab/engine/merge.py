@@ -452,8 +452,8 @@ def merge_models(
     tick = bar.update if bar is not None else None
     # numba compiles (or loads) the loops this merge needs, in the background where a core is
     # free for it (tensors take the torch path, same bits, until it is done)
-    warmup.start(plans, base_src, srcs, method, dtype, lambda p: _target_dtype(p, out_dtype),
-                 lambda p: _streams(p, method), threads)
+    compiled = warmup.start(plans, base_src, srcs, method, dtype, lambda p: _target_dtype(p, out_dtype),
+                            lambda p: _streams(p, method), threads)
     try:
         trim = thr = None
         if getattr(method.merger, "trim_scope", "tensor") == "model":
@@ -464,6 +464,7 @@ def merge_models(
             with _TorchThreads(threads):
                 results = _run_all(plans, lambda p: _merge_one(p, base_src, srcs, method, dtype, out_dtype,
                                                                thresholds=thr), threads, tick)
+            compiled()
             return {p.name: t for p, t in zip(plans, results)}
         entries = [(p.name, p.shape, _target_dtype(p, out_dtype)) for p in plans]
         with atomic as tmp:
@@ -472,6 +473,7 @@ def merge_models(
                 with _TorchThreads(threads):
                     _run_all(plans, lambda p: _merge_one(p, base_src, srcs, method, dtype, out_dtype, writer, thr),
                              threads, tick)
+                compiled()
                 writer.finish()
             finally:
                 writer.close()

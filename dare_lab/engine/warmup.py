@@ -38,7 +38,7 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -193,16 +193,24 @@ def _worker(jobs: list[tuple[tuple, MergeMethod, tuple, torch.dtype]]) -> None:
         streamed.warming_done()
 
 
+def _nothing() -> None:
+    return None
+
+
 def start(plans: Iterable[TensorPlan], base: TensorSource, models: Mapping[str, TensorSource], method: MergeMethod,
-          dtype: torch.dtype, target_of, streams, threads: int = 1) -> threading.Thread | None:
-    """Start the background rehearsal for the streamed tensors of a merge (None: nothing to do,
-    or :func:`resolved_mode` says to wait: the first tensors compile what they need).
+          dtype: torch.dtype, target_of, streams, threads: int = 1) -> Callable[[], None]:
+    """Start the background rehearsal for the streamed tensors of a merge, unless there is
+    nothing to compile or :func:`resolved_mode` says to wait (the first tensors then compile
+    what they need). Returns what the merge calls once it has succeeded: after a merge that
+    waited, it marks the kinds the merge compiled warm (as a rehearsal does), so that a later
+    merge of those kinds on more cores does not rehearse them again.
 
     ``target_of(plan)`` is a tensor's saved dtype, ``streams(plan)`` whether it streams,
     ``threads`` the merge's threads.
     """
-    if resolved_mode(threads) == "wait" or not streamed.FUSED or dtype != torch.float32:
-        return None
+    mode = resolved_mode(threads)
+    if not streamed.FUSED or dtype != torch.float32:
+        return _nothing
     mkey = _method_key(method)
     jobs, seen = [], set()
     for plan in plans:
@@ -215,14 +223,20 @@ def start(plans: Iterable[TensorPlan], base: TensorSource, models: Mapping[str, 
         seen.add(key)
         jobs.append((key, method, kind, dtype))
     if not jobs or all(_is_warm(key) for key, *_ in jobs):
-        return None   # nothing to compile, or numba's cache has it: the compiled loops from the start
+        return _nothing   # nothing to compile, or numba's cache has it: the compiled loops from the start
+    if mode == "wait":
+        def compiled() -> None:
+            for key, *_ in jobs:
+                _mark_warm(key)
+            with _lock:
+                _done.update(key for key, *_ in jobs)
+        return compiled
     streamed.warming_started()
     # not a daemon: a process whose merge finished first waits for the compile at exit (which also
     # completes numba's on-disk cache for the next run); a daemon thread still inside LLVM when
     # the interpreter exits aborts the process
-    thread = threading.Thread(target=_worker, args=(jobs,), name="dare-lab-numba-warmup", daemon=False)
-    thread.start()
-    return thread
+    threading.Thread(target=_worker, args=(jobs,), name="dare-lab-numba-warmup", daemon=False).start()
+    return _nothing
 
 
 def history() -> list[dict]:

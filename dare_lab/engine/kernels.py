@@ -268,8 +268,8 @@ def ties_chunk(D, m, base, subtract, U, p, q, rescale, mode, thr, quota, w, weig
     and the +1 assumption matters, the index and the K trimmed values go to ``amb_idx`` /
     ``amb_t`` (the caller patches them once the tensor's majority sign is known). ``T``: a
     float32 scratch of shape (K + 4, BLOCK). If ``out16`` is not empty, the output also goes
-    into it as bf16 bits (one pass less than casting ``out`` afterwards). (Loops run over 1-D row views: with 2-D indexing
-    numba cannot rule out aliasing and does not vectorise.)
+    into it as bf16 bits (one pass less than casting ``out`` afterwards). (Loops run over 1-D
+    row views: with 2-D indexing numba cannot rule out aliasing and does not vectorise.)
 
     Returns (status, balance, n_amb): status 0 ok, 1 a NaN/Inf in a delta or the output;
     balance = #(+1) − #(−1) of the summed signs.

@@ -238,11 +238,16 @@ class ShardedSafetensorsWriter:
         buf = self._staging(phase + nbytes)
         return torch.from_numpy(buf[phase: phase + nbytes]).view(dtype)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write a whole tensor at its planned offset (thread-safe; any order)."""
+    def _whole(self, name: str, tensor: torch.Tensor) -> tuple[Path, int, int]:
+        """(file, offset, bytes) of the whole tensor ``name``, after checking ``tensor`` is as planned."""
         file, offset, nbytes, dtype, shape = self._where[name]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise ValueError(f"tensor {name!r}: planned {dtype} {shape}, got {tensor.dtype} {tuple(tensor.shape)}")
+        return file, offset, nbytes
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write a whole tensor at its planned offset (thread-safe; any order)."""
+        file, offset, _ = self._whole(name, tensor)
         self._pwrite(file, tensor, offset)
         self.done(name)
 
@@ -256,14 +261,12 @@ class ShardedSafetensorsWriter:
         At most :data:`STAGED_BEHIND` are in flight; a tensor over :data:`STAGED_BEHIND_MAX`
         bytes, or without direct writes, is written at once (:meth:`write`): the extra memory
         stays bounded. A background failure is raised by the next write or by :meth:`finish`."""
-        file, offset, nbytes, dtype, shape = self._where[name]
+        file, offset, nbytes = self._whole(name, tensor)
         buf = getattr(self._local, "stage", None)
         inside = buf is not None and buf.ctypes.data <= tensor.data_ptr() < buf.ctypes.data + buf.shape[0]
         if not inside or nbytes > self.STAGED_BEHIND_MAX or self._direct_fd(file) is None:
             self.write(name, tensor)
             return
-        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise ValueError(f"tensor {name!r}: planned {dtype} {shape}, got {tensor.dtype} {tuple(tensor.shape)}")
         if self._error is not None:
             raise self._error
         self._staged_slots.acquire()
